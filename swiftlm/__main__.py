@@ -1,0 +1,5 @@
+import sys
+
+from swiftlm.cli import main
+
+sys.exit(main())

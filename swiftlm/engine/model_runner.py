@@ -1,0 +1,283 @@
+"""Model runner: owns the model, the KV cache and the step inputs; runs one forward and samples.
+
+Step inputs are packed into one pinned int32 host buffer with fixed segment offsets and moved with a single
+host-to-device copy into a device buffer of the same layout. Decode-only steps replay a CUDA graph captured
+for the next larger batch size; those graphs read the same device buffer, so a replay needs no extra copies.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from swiftlm.config import EngineConfig
+from swiftlm.engine.kv_cache import BlockAllocator, cdiv
+from swiftlm.engine.scheduler import SchedulerOutput
+from swiftlm.layers.attention import AttentionMetadata, forward_context
+from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
+from swiftlm.models import get_model_class
+from swiftlm.sampling import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+
+logger = logging.getLogger(__name__)
+
+GRAPH_RESERVE_BYTES = 512 << 20
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _no_quant(prefix: str) -> None:
+    return None
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (always included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+@dataclass
+class _Segments:
+    """Offsets of each field inside the packed int32 step buffer."""
+
+    max_tokens: int
+    max_seqs: int
+    width: int
+
+    def __post_init__(self) -> None:
+        t, s = self.max_tokens, self.max_seqs
+        self.ids, self.pos, self.slots = 0, t, 2 * t
+        self.seq_lens = 3 * t
+        self.cu_q = self.seq_lens + s
+        self.logits_idx = self.cu_q + s + 1
+        self.block_tables = self.logits_idx + s
+        self.total = self.block_tables + s * self.width
+
+    def end(self, rows: int) -> int:
+        return self.block_tables + rows * self.width
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: dict, model_path: str, max_model_len: int) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        self.model = self._load_model(hf_config, model_path, max_model_len)
+        self.hf_config = hf_config
+        self.vocab_size = self.model.config.vocab_size
+        self.attn_layers = self.model.attention_layers()
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.max_model_len = max_model_len
+        self.seg = _Segments(self.max_num_tokens, self.max_num_seqs, cdiv(max_model_len, self.block_size))
+        pin = self.device.type == "cuda"
+        self.host_buf = torch.zeros(self.seg.total, dtype=torch.int32, pin_memory=pin)
+        self.host_np = self.host_buf.numpy()
+        self.dev_buf = torch.zeros(self.seg.total, dtype=torch.int32, device=self.device)
+        self.logits_buf = torch.empty(self.max_num_seqs, self.vocab_size, dtype=torch.float32, device=self.device)
+        self.sampler = Sampler()
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+        logger.info("model runner ready in %.1fs: %d KV blocks of %d tokens, %d CUDA graphs",
+                    time.perf_counter() - start, self.num_blocks, self.block_size, len(self.graphs))
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _load_model(self, hf_config: dict, model_path: str, max_model_len: int) -> torch.nn.Module:
+        cls = get_model_class(hf_config)
+        quant_for = _no_quant
+        if self.config.quantization or hf_config.get("quantization_config"):
+            from swiftlm.layers.quantization import get_linear_method
+            quant_for = get_linear_method(self.config.quantization, hf_config.get("quantization_config"))
+        with torch.device(self.device):
+            model = cls(hf_config, self.dtype, quant_for, max_model_len)
+        dummy = self.config.load_format == "dummy" or (self.config.load_format == "auto" and not has_weights(model_path))
+        if dummy:
+            if self.config.load_format == "auto":
+                logger.warning("no safetensors in %s: using random weights (load_format=dummy)", model_path)
+            init_dummy_weights(model, self.config.seed)
+        else:
+            loaded = model.load_weights(iterate_weights(model_path, self.device))
+            missing = {n for n, _ in model.named_parameters()} - loaded
+            if missing:
+                raise ValueError(f"checkpoint {model_path!r} lacks weights for {sorted(missing)[:8]}...")
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+        return model.eval()
+
+    def kv_block_bytes(self) -> int:
+        layer = self.attn_layers[0]
+        itemsize = torch.empty((), dtype=self._kv_dtype()).element_size()
+        return 2 * len(self.attn_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
+
+    def _kv_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype in ("auto", None):
+            return self.dtype
+        if self.config.kv_cache_dtype == "fp8":
+            raise ValueError("kv_cache_dtype fp8 is not supported yet")
+        raise ValueError(f"unknown kv_cache_dtype {self.config.kv_cache_dtype!r}")
+
+    @torch.inference_mode()
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(2, CPU_KV_CACHE_BYTES // self.kv_block_bytes())
+        self._profile_run()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.max_memory_allocated(
+            self.device) - GRAPH_RESERVE_BYTES
+        blocks = int(budget // self.kv_block_bytes())
+        if blocks < 2:
+            raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                             "raise --gpu-memory-utilization or lower --max-num-batched-tokens")
+        return blocks
+
+    def _profile_run(self) -> None:
+        """One forward at the largest step size, against a one-block cache, to measure peak activation memory."""
+        self._allocate_kv_cache(1)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.max_num_tokens
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(n, dtype=torch.int64, device=self.device),
+            block_tables=torch.zeros(1, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_seqlen_q=n)
+        with forward_context(meta):
+            hidden = self.model(ids, ids)
+        self.model.compute_logits(hidden[: self.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        self._allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = None
+        if num_blocks == 0:
+            return
+        layer0 = self.attn_layers[0]
+        shape = (len(self.attn_layers), 2, num_blocks, self.block_size, layer0.num_kv_heads, layer0.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self._kv_dtype(), device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    # ---- per step ----------------------------------------------------------------------------------------
+    def _views(self, rows: int, tokens: int) -> tuple[torch.Tensor, ...]:
+        s, d = self.seg, self.dev_buf
+        return (d[s.ids: s.ids + tokens], d[s.pos: s.pos + tokens], d[s.slots: s.slots + tokens],
+                d[s.seq_lens: s.seq_lens + rows], d[s.cu_q: s.cu_q + rows + 1],
+                d[s.logits_idx: s.logits_idx + rows], d[s.block_tables: s.end(rows)].view(rows, s.width))
+
+    def _pack(self, batch: SchedulerOutput, rows: int) -> tuple[int, int, list[int]]:
+        """Fill the host buffer; returns (tokens, max query length, indices of sampling rows)."""
+        s, h, bs = self.seg, self.host_np, self.block_size
+        t = 0
+        max_q = 1
+        sample_rows: list[int] = []
+        bt = h[s.block_tables: s.end(rows)].reshape(rows, s.width)
+        h[s.cu_q] = 0
+        for i, item in enumerate(batch.scheduled):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            bt[i, : len(table)] = table
+            if n == 1:
+                h[s.ids + t] = seq.token_ids[start]
+                h[s.pos + t] = start
+                h[s.slots + t] = table[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, start + n)
+                h[s.ids + t: s.ids + t + n] = seq.token_ids[start: start + n]
+                h[s.pos + t: s.pos + t + n] = pos
+                h[s.slots + t: s.slots + t + n] = np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs
+                max_q = max(max_q, n)
+            t += n
+            h[s.seq_lens + i] = start + n
+            h[s.cu_q + i + 1] = t
+            if item.samples:
+                h[s.logits_idx + len(sample_rows)] = t - 1
+                sample_rows.append(i)
+        for i in range(len(batch.scheduled), rows):  # CUDA-graph padding rows write to the reserved block 0
+            h[s.ids + t] = 0
+            h[s.pos + t] = 0
+            h[s.slots + t] = BlockAllocator.NULL_BLOCK
+            h[s.seq_lens + i] = 1
+            bt[i, 0] = BlockAllocator.NULL_BLOCK
+            t += 1
+        return t, max_q, sample_rows
+
+    def _upload(self, rows: int) -> None:
+        end = self.seg.end(rows)
+        self.dev_buf[:end].copy_(self.host_buf[:end], non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> tuple[list[int], SamplerOutput | None]:
+        """Run one forward; returns (indices of scheduled seqs that sampled, sampler output for them)."""
+        num_rows = len(batch.scheduled)
+        graph_bs = self._graph_size(num_rows) if batch.decode_only else None
+        rows = graph_bs or num_rows
+        tokens, max_q, sample_rows = self._pack(batch, rows)
+        self._upload(rows)
+        if graph_bs is not None:
+            self.graphs[graph_bs].replay()
+            logits = self.logits_buf[:num_rows]
+        else:
+            ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
+            meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q, max_q)
+            with forward_context(meta):
+                hidden = self.model(ids, pos)
+            logits = self.model.compute_logits(hidden[logits_idx[: len(sample_rows)]])
+        if not sample_rows:
+            return [], None
+        seqs = [batch.scheduled[i].seq for i in sample_rows]
+        rows_meta = [SamplingRow(params=q.params, seed=q.seed, step=q.num_output_tokens,
+                                 prompt_token_ids=q.prompt_token_ids, output_token_ids=q.output_token_ids,
+                                 eos_token_ids=q.eos_token_ids) for q in seqs]
+        sampling = SamplingBatch.build(rows_meta, self.vocab_size, self.device)
+        return sample_rows, self.sampler(logits, sampling)
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------------------
+    def _graph_size(self, n: int) -> int | None:
+        for size in sorted(self.graphs):
+            if size >= n:
+                return size
+        return None
+
+    def _decode_forward(self, bs: int) -> None:
+        ids, pos, slots, seq_lens, _, _, bt = self._views(bs, bs)
+        meta = AttentionMetadata(slots.long(), bt, seq_lens)
+        with forward_context(meta):
+            hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden, out=self.logits_buf[:bs])
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        start = time.perf_counter()
+        # Padding-style inputs: every row attends to one token of the reserved block.
+        s = self.seg
+        self.host_np[:] = 0
+        self.host_np[s.seq_lens: s.seq_lens + self.max_num_seqs] = 1
+        self._upload(self.max_num_seqs)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in sorted(graph_batch_sizes(self.max_num_seqs), reverse=True):
+                self._decode_forward(bs)  # warm-up: JIT compiles and autotunes outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._decode_forward(bs)
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - start)

@@ -1,0 +1,488 @@
+"""Paged attention over the block-table KV cache: split-K decode and varlen (chunked) prefill.
+
+Cache layout (docs/DESIGN.md): `k_cache`/`v_cache` are `[num_blocks, block_size, num_kv_heads, head_dim]`;
+token `p` of a sequence with block table `bt` lives in slot `bt[p // block_size] * block_size + p % block_size`.
+
+Each Triton kernel sits beside a plain PyTorch reference (`*_ref`) that is the CPU path and the test oracle.
+The public wrappers run Triton on CUDA tensors, and on CPU tensors only when the kernels were built under
+`TRITON_INTERPRET=1` (the tests); otherwise they fall back to the reference.
+
+An FP8 (e4m3/e5m2) cache is read by converting each loaded tile to the query dtype; the per-tensor scales
+are folded into the softmax scale (k) and applied once to the output (v), so dequantising costs no extra
+multiply per element.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs (e.g. macOS) run the references.
+    HAS_TRITON = False
+
+__all__ = [
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
+    "decode_num_splits",
+]
+
+# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = 1.4426950408889634
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# Split-K heuristic: aim for about two programs per SM, but give each split at least this many tokens of
+# context capacity and never more than _MAX_SPLITS splits (the merge kernel holds all splits in registers).
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 64
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used when not on CUDA (interpreter) so choices match the GPU.
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = _DEFAULT_NUM_SMS) -> int:
+    """Number of sequence splits for decode, from shapes only so a CUDA graph's grid never depends on data.
+
+    Small batches (one program per (sequence, kv head) cannot fill the GPU) split the context so that about
+    `2 * num_sms` programs run; `max_context` (block-table capacity) bounds how many splits can hold work.
+    """
+    programs = batch * num_kv_heads
+    if batch >= 32 or programs >= num_sms:
+        return 1
+    target = -(-2 * num_sms // programs)
+    capacity = max(1, -(-max_context // _MIN_SPLIT_TOKENS))
+    return max(1, min(target, capacity, _MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k/v caches must share shape [blocks, block_size, kv_heads, dim], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if q.shape[-1] != head_dim or q.shape[-2] % num_kv_heads:
+        raise ValueError(f"q heads/dim {tuple(q.shape[-2:])} do not fit cache kv_heads={num_kv_heads} dim={head_dim}")
+    if block_size & (block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"block_size and head_dim must be powers of two (head_dim >= 16), got {block_size}, {head_dim}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dtype != q.dtype and cache.dtype not in _FP8_DTYPES:
+            raise ValueError(f"{name} dtype {cache.dtype} must equal q dtype {q.dtype} or be fp8")
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    if q.stride(-1) != 1 or block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
+        raise ValueError("q must be contiguous in head_dim and block_tables int32 with contiguous rows")
+
+
+def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int, scale: float | None) -> torch.Tensor:
+    """Rows `[B, length, kv_heads, dim]` (fp32) of positions 0..length-1; table entries past a row's end are
+    whatever the table holds, so they are clamped to block 0 and must be masked by the caller."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    blocks = block_tables[:, pos // block_size].long().clamp(0, cache.shape[0] - 1)
+    slots = blocks * block_size + pos % block_size
+    rows = cache.reshape(-1, cache.shape[2], cache.shape[3])[slots].float()
+    return rows * scale if scale is not None else rows
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               out: torch.Tensor | None = None, k_scale: float | None = None,
+                               v_scale: float | None = None) -> torch.Tensor:
+    """PyTorch decode attention (fp32 math): q `[B, Hq, D]` attends to the first `seq_lens[b]` cached tokens.
+
+    Rows with `seq_len == 0` produce zeros. Syncs on `seq_lens.max()`, so it is not graph-capturable.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    length = int(seq_lens.max()) if batch else 0
+    result = torch.zeros(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    if length > 0:
+        k = _gather_kv(k_cache, block_tables, length, k_scale)
+        v = _gather_kv(v_cache, block_tables, length, v_scale)
+        qg = q.float().view(batch, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+        valid = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None].long()
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (seq_len 0) -> zeros
+        result = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(batch, num_heads, head_dim)
+    if out is None:
+        return result.to(q.dtype)
+    out.copy_(result)
+    return out
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                                scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
+                                k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
+    """PyTorch varlen causal attention (fp32 math), bottom-right aligned: new query j of sequence i sees
+    cache positions `<= seq_lens[i] - q_len_i + j`. `max_seqlen_q` is unused (kept for a shared signature)."""
+    del max_seqlen_q
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[2]
+    result = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        start, end = cu[i], cu[i + 1]
+        if end == start:
+            continue
+        k = _gather_kv(k_cache, block_tables[i:i + 1], seq_len, k_scale)[0].repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, block_tables[i:i + 1], seq_len, v_scale)[0].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        q_pos = seq_len - (end - start) + torch.arange(end - start, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        result[start:end] = torch.einsum("hqk,khd->qhd", probs, v)
+    if out is None:
+        return result.to(q.dtype)
+    out.copy_(result)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+        qk_scale, v_scale,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_btb,
+        stride_ob, stride_oh, stride_os,
+        stride_lb, stride_lh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
+        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
+        to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
+        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf)."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+        start = split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        heads = kvh * GROUP + offs_g
+        g_mask = offs_g < GROUP
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        bt_row = bt_ptr + b * stride_btb
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
+        for n in range(start, end, BLOCK_N):
+            pos = n + offs_n
+            valid = pos < end
+            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            tok = pos % BLOCK_SIZE
+            k = tl.load(k_head + block[:, None] * stride_kb + tok[:, None] * stride_kt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)
+            v = tl.load(v_head + block[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(IN_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(IN_DTYPE).to(DOT_DTYPE), v.to(IN_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
+                         input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        has_keys = l_i > 0.0
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        o = acc * (v_scale / l_safe)[:, None]
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        if DIRECT:
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            tl.store(o_ptrs + split * stride_os, o, mask=g_mask[:, None])
+            lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        part_ptr, lse_ptr, out_ptr,
+        stride_pb, stride_ph, stride_ps,
+        stride_lb, stride_lh,
+        stride_ob, stride_oh,
+        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        denom = tl.sum(w, 0)
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _prefill_tile(
+        acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
+        stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
+        offs_n, offs_d, IN_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Online-softmax update with keys n..n+BLOCK_N; MASKED applies the causal/bounds mask (diagonal
+        tiles only: tiles wholly below the diagonal skip all mask work)."""
+        pos = n + offs_n
+        if MASKED:
+            in_range = pos < kv_end
+            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        else:
+            block = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        tok = pos % BLOCK_SIZE
+        k_ptrs = k_head + block[:, None] * stride_kb + tok[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_head + block[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k.to(IN_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(IN_DTYPE).to(DOT_DTYPE), v.to(IN_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
+                     input_precision=DOT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, out_ptr,
+        qk_scale, v_scale,
+        stride_qt, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_btb,
+        stride_ot, stride_oh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One (q head, query tile, sequence). Heads vary fastest in launch order so the GROUP heads sharing
+        a kv head run together and reuse its K/V tiles from L2; query tiles are walked last-first so the
+        longest causal tiles start earliest."""
+        h = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = tl.program_id(2)
+        q_start = tl.load(cu_q_ptr + b)
+        q_len = tl.load(cu_q_ptr + b + 1) - q_start
+        m_start = pid_m * BLOCK_M
+        if m_start >= q_len:
+            return
+        prefix = tl.load(seq_lens_ptr + b) - q_len  # cached tokens before this chunk's first query
+        kvh = h // GROUP
+
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_mask = offs_m < q_len
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+        q_pos = prefix + offs_m
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        bt_row = bt_ptr + b * stride_btb
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
+        # Keys < prefix + m_start are visible to every row of the tile: whole tiles of them need no mask.
+        # Every row's own diagonal key lies in the masked range, so no row is all -inf when it is reached.
+        full_end = (prefix + m_start) // BLOCK_N * BLOCK_N
+        kv_end = prefix + tl.minimum(m_start + BLOCK_M, q_len)
+        for n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
+                                          stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
+                                          offs_n, offs_d, IN_DTYPE, BLOCK_SIZE, False, DOT_DTYPE, DOT_PRECISION)
+        for n in range(full_end, kv_end, BLOCK_N):
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
+                                          stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
+                                          offs_n, offs_d, IN_DTYPE, BLOCK_SIZE, True, DOT_DTYPE, DOT_PRECISION)
+
+        o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_args(dtype: torch.dtype) -> tuple:
+    """(DOT_DTYPE, DOT_PRECISION): fp32 runs exact IEEE dots (tests expect ~1e-5); 16-bit stays native on GPU.
+
+    The Triton interpreter multiplies bf16 dot operands as raw uint16 bit patterns, so there bf16 operands
+    are widened to fp32 after being rounded to bf16, which keeps the GPU's numerics.
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and TRITON_INTERPRETED):
+        return tl.float32, "ieee"
+    return _TL_DTYPES[dtype], "tf32"
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): ~16 KB K and V tiles per step keep enough bytes in flight for HBM."""
+    block_n = max(16, min(128, 8192 // head_dim)) if dtype != torch.float32 else max(16, 4096 // head_dim)
+    return block_n, 4, 3 if dtype != torch.float32 else 2
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style tiles sized for H100 shared memory."""
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def _scales(k_cache: torch.Tensor, k_scale: float | None, v_scale: float | None) -> tuple[float | None, float | None]:
+    """FP8 caches default to unit scales; other caches must not pass scales (they would be silently wrong)."""
+    if k_cache.dtype in _FP8_DTYPES:
+        return (1.0 if k_scale is None else float(k_scale)), (1.0 if v_scale is None else float(v_scale))
+    if k_scale is not None or v_scale is not None:
+        raise ValueError("k_scale/v_scale apply only to an fp8 KV cache")
+    return None, None
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           k_scale: float | None = None, v_scale: float | None = None,
+                           *, block_n: int | None = None) -> torch.Tensor:
+    """Decode attention for one new token per sequence: q `[B, Hq, D]` over the first `seq_lens[b]` cached
+    tokens (the current token included). Returns `[B, Hq, D]` in q's dtype (into `out` when given).
+
+    CUDA-graph capturable: no host reads of `seq_lens`; the grid depends only on shapes and `num_splits`
+    (None -> `decode_num_splits` from shapes and the SM count). Rows with `seq_len == 0` give zeros.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    _check_cache(q, k_cache, v_cache, block_tables)
+    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
+    batch, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
+    if not _use_triton(q):
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out, k_scale, v_scale)
+    if batch == 0:
+        return out
+
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else _DEFAULT_NUM_SMS
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
+    if not 1 <= num_splits <= 256:
+        raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
+    default_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
+    block_n = block_n or default_n
+    dot_dtype, precision = _dot_args(q.dtype)
+    qk_scale = scale * _LOG2E * (k_scale if k_scale is not None else 1.0)
+    v_mult = v_scale if v_scale is not None else 1.0
+    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                  BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, IN_DTYPE=_TL_DTYPES[q.dtype],
+                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    grid = (batch, num_kv_heads, num_splits)
+    cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
+    if num_splits == 1:
+        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
+                                   q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,
+                                   0, 0, DIRECT=True, **common)
+        return out
+    partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, qk_scale, v_mult,
+                               q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
+                               lse.stride(0), lse.stride(1), DIRECT=False, **common)
+    _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+                                             out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+                                             SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+                                             num_warps=4)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
+                            k_scale: float | None = None, v_scale: float | None = None,
+                            *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Varlen causal (chunked-)prefill attention over the paged cache. q `[T, Hq, D]`; sequence i owns rows
+    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last q_len_i of its `seq_lens[i]` cached tokens
+    (bottom-right causal alignment). `max_seqlen_q` (a host int) sizes the grid. Returns `[T, Hq, D]`.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    _check_cache(q, k_cache, v_cache, block_tables)
+    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
+    num_tokens, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
+    if not _use_triton(q):
+        return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                           max_seqlen_q, out, k_scale, v_scale)
+    batch = cu_seqlens_q.numel() - 1
+    if num_tokens == 0 or batch <= 0 or max_seqlen_q <= 0:
+        return out
+
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    default_m, default_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
+    block_m = block_m or default_m
+    block_n = block_n or default_n
+    dot_dtype, precision = _dot_args(q.dtype)
+    qk_scale = scale * _LOG2E * (k_scale if k_scale is not None else 1.0)
+    grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
+    _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+                          qk_scale, v_scale if v_scale is not None else 1.0,
+                          q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+                          block_tables.stride(0), out.stride(0), out.stride(1),
+                          GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                          BLOCK_M=block_m, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype], DOT_DTYPE=dot_dtype,
+                          DOT_PRECISION=precision,
+                          num_warps=num_warps, num_stages=num_stages)
+    return out
