@@ -113,33 +113,47 @@ def shared_prefix_requests(num: int, prefix_len: int, num_prefixes: int, input_l
                          tokenizer) for i in range(num)]
 
 
-def jsonl_requests(path: str | Path, num: int, default_max_tokens: int, chat: bool,
-                   tokenizer: Tokenizer | None = None) -> list[SampleRequest]:
-    """Lines `{"prompt": str}` or `{"messages": [...]}`, optional `"max_tokens"`; cycled to reach `num` requests.
-
-    Text prompts sent to a chat endpoint become one user message; message lists need the chat endpoint, since
-    turning them into a completion prompt would need the server's chat template.
-    """
-    rows: list[SampleRequest] = []
+def read_jsonl(path: str | Path) -> list[tuple[str | list[dict[str, Any]], int | None]]:
+    """Lines `{"prompt": str}` or `{"messages": [...]}`, each with an optional `"max_tokens"`; blank lines skipped."""
+    rows: list[tuple[str | list[dict[str, Any]], int | None]] = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         item = json.loads(line)
-        max_tokens = int(item.get("max_tokens", default_max_tokens))
+        max_tokens = int(item["max_tokens"]) if "max_tokens" in item else None
         if "messages" in item:
-            if not chat:
-                raise ValueError(f"{path}:{lineno}: 'messages' lines need --endpoint /v1/chat/completions")
-            rows.append(SampleRequest(prompt=item["messages"], prompt_len=None, max_tokens=max_tokens))
+            rows.append((list(item["messages"]), max_tokens))
         elif "prompt" in item:
-            text = str(item["prompt"])
-            prompt_len = len(tokenizer.encode(text, add_special_tokens=False)) if tokenizer and not chat else None
-            prompt: str | list[dict[str, Any]] = [{"role": "user", "content": text}] if chat else text
-            rows.append(SampleRequest(prompt=prompt, prompt_len=prompt_len, max_tokens=max_tokens))
+            rows.append((str(item["prompt"]), max_tokens))
         else:
             raise ValueError(f"{path}:{lineno}: expected a 'prompt' or 'messages' field")
     if not rows:
         raise ValueError(f"{path} holds no requests")
-    return [rows[i % len(rows)] for i in range(num)]
+    return rows
+
+
+def jsonl_requests(path: str | Path, num: int, default_max_tokens: int, chat: bool,
+                   tokenizer: Tokenizer | None = None) -> list[SampleRequest]:
+    """Requests for an endpoint from a JSONL file, cycled to reach `num`.
+
+    Text prompts sent to a chat endpoint become one user message; message lists need the chat endpoint, since
+    turning them into a completion prompt would need the server's chat template.
+    """
+    out: list[SampleRequest] = []
+    rows = read_jsonl(path)
+    for i in range(num):
+        prompt, max_tokens = rows[i % len(rows)]
+        budget = default_max_tokens if max_tokens is None else max_tokens
+        if isinstance(prompt, list):
+            if not chat:
+                raise ValueError(f"{path}: 'messages' lines need --endpoint /v1/chat/completions")
+            out.append(SampleRequest(prompt=prompt, prompt_len=None, max_tokens=budget))
+        elif chat:
+            out.append(SampleRequest(prompt=[{"role": "user", "content": prompt}], prompt_len=None, max_tokens=budget))
+        else:
+            prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False)) if tokenizer is not None else None
+            out.append(SampleRequest(prompt=prompt, prompt_len=prompt_len, max_tokens=budget))
+    return out
 
 
 def load_tokenizer(path: str | None) -> Tokenizer | None:

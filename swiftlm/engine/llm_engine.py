@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 
@@ -16,10 +17,15 @@ from swiftlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
 
 def load_tokenizer(path: str):
     """The checkpoint's HF tokenizer, or None for a weights-only directory (then prompts must be token ids)."""
     from transformers import AutoTokenizer
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: only token-id prompts will work", path)
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:

@@ -216,16 +216,15 @@ if HAS_TRITON:
                          input_precision=DOT_PRECISION)
             m_i = m_new
 
-        has_keys = l_i > 0.0
-        l_safe = tl.where(has_keys, l_i, 1.0)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc * (v_scale / l_safe)[:, None]
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         if DIRECT:
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:
             tl.store(o_ptrs + split * stride_os, o, mask=g_mask[:, None])
-            lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
-            tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+            # Empty split: m_i = -inf and l_safe = 1, so lse = -inf and the merge gives it zero weight.
+            tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
 
     @triton.jit
     def _decode_merge_kernel(

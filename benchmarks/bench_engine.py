@@ -1,0 +1,196 @@
+"""Engine benchmark on the GPU (issue 4 targets): batch-1 TPOT, TTFT at 512 and 8000 tokens, offline
+throughput 256 x (1024 in / 256 out), startup time, each against its roofline floor, plus transformers
+(eager `generate`) on the same GPU in the same run.
+
+    PYTHONPATH=$PWD python benchmarks/bench_engine.py --model benchmarks/models/qwen3-8b --json out.json
+"""
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def measure_ceilings() -> dict:
+    """HBM bandwidth (device copy, read+write bytes) and bf16 matmul rate, measured on the spot."""
+    from triton.testing import do_bench
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    bw = 2 * n / (ms * 1e-3)
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    flops = 2 * m ** 3 / (ms * 1e-3)
+    return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
+
+
+def prefill_flops(cfg: dict, tokens: int) -> float:
+    """2 x non-embedding params x tokens (+ LM head for the last token) + causal attention FLOPs."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * inter
+    attn = 4 * layers * hq * d * tokens * (tokens + 1) / 2
+    return 2 * per_layer * layers * tokens + attn + 2 * h * cfg["vocab_size"]
+
+
+def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict, ceil: dict) -> dict:
+    from swiftlm import SamplingParams
+    from swiftlm.engine.llm import LLM
+    t0 = time.perf_counter()
+    llm = LLM(model, load_format="dummy", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    ready_s = time.perf_counter() - PROCESS_START
+    res: dict = {"engine_init_s": time.perf_counter() - t0, "startup_to_ready_s": ready_s,
+                 "num_kv_blocks": engine.model_runner.num_blocks, "weight_bytes": engine.model_weight_bytes()}
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(1000, 30000, (n,), generator=gen).tolist()
+
+    def timed_steps(p: list[int], new: int) -> tuple[float, list[float]]:
+        engine.add_request(f"r{time.perf_counter_ns()}", p, SamplingParams(max_tokens=new, ignore_eos=True,
+                                                                          temperature=0.0))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        stamps = []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                stamps.append(time.perf_counter())
+        return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+
+    for _ in range(2):
+        timed_steps(prompt(512), 16)  # warm-up: Triton JIT for prefill shapes
+    tpots, ttft512 = [], []
+    for _ in range(args.iters):
+        ttft, itl = timed_steps(prompt(512), 256)
+        ttft512.append(ttft)
+        tpots.append(statistics.mean(itl))
+    floor_decode = res["weight_bytes"] / ceil["hbm_bytes_per_s"]
+    res["tpot_b1_ms"] = statistics.median(tpots) * 1e3
+    res["tpot_b1_all_ms"] = [t * 1e3 for t in tpots]
+    res["decode_floor_ms"] = floor_decode * 1e3
+    res["tpot_floor_ratio"] = floor_decode / statistics.median(tpots)
+    for n in (512, 8000):
+        timed_steps(prompt(n), 1)
+        ttfts = [timed_steps(prompt(n), 1)[0] for _ in range(args.iters)]
+        floor = prefill_flops(cfg, n) / ceil["bf16_flops_per_s"]
+        res[f"ttft_{n}_ms"] = statistics.median(ttfts) * 1e3
+        res[f"ttft_{n}_all_ms"] = [t * 1e3 for t in ttfts]
+        res[f"ttft_{n}_floor_ms"] = floor * 1e3
+        res[f"ttft_{n}_floor_ratio"] = floor / statistics.median(ttfts)
+    prompts = [prompt(1024) for _ in range(args.num_prompts)]
+    params = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0)
+    llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(o.num_output_tokens for o in outs)
+    res.update(throughput_elapsed_s=elapsed, throughput_output_tok_s=out_tokens / elapsed,
+               throughput_total_tok_s=(out_tokens + 1024 * len(prompts)) / elapsed,
+               throughput_num_prompts=len(prompts), preemptions=engine.scheduler.num_preemptions)
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_transformers(cfg: dict, args: argparse.Namespace) -> dict:
+    """transformers eager generate with random bf16 weights of the same config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    res: dict = {}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in (512, 8000):
+            ids = torch.randint(1000, 30000, (1, n), generator=gen).cuda()
+            model(ids)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                model(ids, logits_to_keep=1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            res[f"ttft_{n}_ms"] = statistics.median(times) * 1e3
+        ids = torch.randint(1000, 30000, (1, 512), generator=gen).cuda()
+        new = args.hf_new_tokens
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        res["tpot_b1_ms"] = (time.perf_counter() - t - first) / (new - 1) * 1e3
+        batch = args.hf_batch
+        ids = torch.randint(1000, 30000, (batch, 1024), generator=gen).cuda()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+        res.update(throughput_output_tok_s=batch * new / elapsed, throughput_batch=batch,
+                   throughput_output_len=new)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/qwen3-8b")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-new-tokens", type=int, default=32)
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    with open(f"{args.model}/config.json") as f:
+        cfg = json.load(f)
+    ceil = measure_ceilings()
+    ours = run_swiftlm(args.model, args, cfg, ceil)
+    hf = {} if args.skip_hf else run_transformers(cfg, args)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
+              "command": " ".join(sys.argv), "model": args.model, "ceilings": ceil, "swiftlm": ours,
+              "transformers": hf}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=1))
+    rows = [("batch-1 TPOT (512 in, 256 out) ms", "tpot_b1_ms"), ("TTFT 512 ms", "ttft_512_ms"),
+            ("TTFT 8000 ms", "ttft_8000_ms"), ("throughput out tok/s", "throughput_output_tok_s")]
+    print(f"\n{'metric':40s} {'swiftlm':>10s} {'transformers':>13s}")
+    for label, key in rows:
+        print(f"{label:40s} {ours.get(key, float('nan')):10.2f} {hf.get(key, float('nan')):13.2f}")
+    print(f"decode floor {ours['decode_floor_ms']:.2f} ms (ratio {ours['tpot_floor_ratio']:.3f}); "
+          f"TTFT8000 floor {ours['ttft_8000_floor_ms']:.1f} ms; startup {ours['startup_to_ready_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""Fused mixture-of-experts (Qwen3-MoE): routing, token alignment and two grouped-GEMM paths.
+
+Weights are stacked per expert and row-major in the reduction dim: `w13 [E, 2I, H]` (gate rows `0..I-1`, up rows
+`I..2I-1`) and `w2 [E, H, I]`. A forward is
+
+    route -> GEMM1: x @ w13[e].T with SiLU(gate) * up fused in the epilogue          -> [T*k, I]
+          -> GEMM2: . @ w2[e].T scaled by the routing weight in the epilogue          -> [T, k, H]
+          -> sum over the k slots of each token                                      -> [T, H]
+
+A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Two ways to run the GEMMs:
+
+* low latency (at most `LOW_LATENCY_MAX_PAIRS` pairs, i.e. decode): grid (pair, N tile). The program of the first
+  pair routed to an expert (its "leader") gathers every pair of that expert and streams that expert's weight tile
+  exactly once; the other programs exit after one 256-byte load. No sort or alignment kernels run, so a decode
+  MoE layer is route + two GEMMs + sum, and the grid depends only on shapes (CUDA-graph safe).
+* grouped (prefill and large batches): `align_tokens` sorts the pairs by expert and pads each expert's run to
+  BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N tensor-core tile.
+
+The top-k sum is a separate reduce over a `[T, k, H]` buffer rather than atomics into an fp32 output: it is
+deterministic (same bits run to run and whatever else shares the batch), needs no zero-fill or fp32 -> dtype cast
+pass, and costs about what the atomics' read-modify-write traffic would.
+
+FP8 PTPC: `w13`/`w2` in float8_e4m3fn with per-(expert, output channel) scales `[E, N, 1]`; activations are
+quantized per row (token for GEMM1, pair for GEMM2) right before each GEMM, and both scales are applied to the
+fp32 accumulator, which is exact because each scale is constant along the reduction.
+
+Every Triton path sits beside a PyTorch reference (`*_ref`), which is also the CPU path: the public wrappers run
+Triton on CUDA tensors, and on CPU tensors only when the kernels were built under `TRITON_INTERPRET=1`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs (e.g. macOS) run the references.
+    HAS_TRITON = False
+
+__all__ = [
+    "LOW_LATENCY_MAX_PAIRS",
+    "MoeTileConfig",
+    "align_tokens",
+    "fused_moe",
+    "fused_moe_ref",
+    "grouped_config",
+    "low_latency_config",
+    "quantize_fp8_per_channel",
+    "quantize_fp8_per_token",
+    "route",
+    "route_ref",
+]
+
+# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
+LOW_LATENCY_MAX_PAIRS = 64
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used off-GPU (interpreter) so tile choices match the GPU.
+_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program; H100 has 227 KB, leave room for the epilogue
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------------------------
+
+def route_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) over experts, top-k, optional renormalization to sum 1 (Qwen3 `norm_topk_prob`)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits `[T, E]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32), weights in descending order.
+
+    One Triton kernel on GPU (softmax, k rounds of arg-max, renormalize) instead of the five or so launches of
+    the PyTorch version, which matters at decode where a 48-layer model runs it 48 times per step. Ties go to
+    the lower expert id.
+    """
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
+    num_tokens, num_experts = router_logits.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if not _use_triton(router_logits):
+        return route_ref(router_logits, top_k, renormalize)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    block_e = _pow2_at_least(num_experts)
+    block_t = max(1, min(64, 4096 // block_e))
+    _route_kernel[(_cdiv(num_tokens, block_t),)](
+        router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0), router_logits.stride(1),
+        TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        num_warps=4)
+    return weights, ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alignment for the grouped path
+# ---------------------------------------------------------------------------------------------------------------
+
+def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Shape-only bound on the padded length: each non-empty expert pads by at most `block_m - 1`, rounded up
+    to whole blocks so a program never reads past the buffer."""
+    bound = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
+    return _cdiv(bound, block_m) * block_m
+
+
+def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the `T*k` pairs by expert, each expert's run padded to a multiple of `block_m`.
+
+    Returns
+      sorted_token_ids `[P]` int32: pair indices (`t * k + slot`) grouped by expert in pair order, padding = T*k;
+      expert_ids_per_block `[P // block_m]` int32: the expert of each block, -1 for blocks past the end;
+      num_tokens_post_pad `[1]` int32: the used length (a device tensor, so the host never waits on it).
+    `P = max_padded_pairs(...)` depends only on shapes, and nothing here syncs, so it can run in a CUDA graph.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_pairs = flat.numel()
+    device = flat.device
+    padded_len = max_padded_pairs(num_pairs, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    by_expert = flat[order]
+    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[by_expert]
+    sorted_ids = torch.full((padded_len,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, (ends - padded)[by_expert] + rank, order.to(torch.int32))
+    block_starts = torch.arange(0, padded_len, block_m, device=device)
+    experts = torch.searchsorted(ends, block_starts, right=True)
+    expert_ids = torch.where(experts < num_experts, experts, -1).to(torch.int32)
+    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[E, N, K]` weights -> (float8_e4m3fn weights, fp32 scales `[E, N, 1]`), one scale per output channel."""
+    amax = w.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[M, K]` activations -> (float8_e4m3fn `[M, K]`, fp32 scales `[M, 1]`), dynamic, one scale per row."""
+    if not _use_triton(x):
+        return _quantize_rows_ref(x)
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _quant_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), out.stride(0), FP8_MAX=FP8_MAX,
+                                    BLOCK=min(2048, _pow2_at_least(cols)), num_warps=4)
+    return out, scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------------------------
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch loop over the experts that received tokens (fp32 math): the test oracle and the CPU path.
+
+    It rounds where the kernels do (the SwiGLU output and each pair's weighted row to x's dtype) and, for fp8
+    weights, quantizes activations per row exactly like the kernels, so differences are summation order only.
+    Reads the routing on the host, so it is not graph-capturable.
+    """
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    fp8 = w13.dtype == FP8_DTYPE
+    a = x.float()
+    if fp8:
+        q, s = _quantize_rows_ref(x)
+        a = q.float() * s
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    for expert in torch.unique(topk_ids).tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        w_up = w13[expert].float() * (w13_scale[expert] if fp8 else 1.0)
+        w_down = w2[expert].float() * (w2_scale[expert] if fp8 else 1.0)
+        gate, up = F.linear(a[tokens], w_up).split(inter, dim=-1)
+        act = (F.silu(gate) * up).to(x.dtype)
+        if fp8:
+            q, s = _quantize_rows_ref(act)
+            act = q.float() * s
+        y = F.linear(act.float(), w_down) * topk_weights[tokens, slots, None].float()
+        out.index_add_(0, tokens, y.to(x.dtype).float())
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MoeTileConfig:
+    """One GEMM's tiling. For the fused gate/up GEMM, BLOCK_N counts intermediate columns (each program loads a
+    gate tile and an up tile, so 2 * BLOCK_N weight rows)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 1
+
+
+def _fit(cfg: MoeTileConfig, n: int, k: int, fused: bool, itemsize: int) -> MoeTileConfig:
+    """Shrink tiles to tiny problems (tests) and pipeline stages to the shared-memory budget."""
+    block_n = max(16, min(cfg.block_n, _pow2_at_least(n)))
+    block_k = max(16, min(cfg.block_k, _pow2_at_least(k)))
+    stage = (cfg.block_m + (2 if fused else 1) * block_n) * block_k * itemsize
+    stages = max(2, min(cfg.num_stages, _SMEM_BUDGET // stage))
+    return MoeTileConfig(cfg.block_m, block_n, block_k, cfg.num_warps, stages, cfg.group_m)
+
+
+def low_latency_config(num_pairs: int, num_experts: int, n: int, k: int, fused: bool, weight_dtype: torch.dtype,
+                       num_sms: int = _DEFAULT_NUM_SMS) -> MoeTileConfig:
+    """Memory-bound GEMV tiles: 16 rows (the tensor-core minimum; a decode expert rarely sees more), 16-byte
+    weight loads along K, and the widest N tile that still gives at least one program per SM over the
+    (at most `num_pairs`) active experts."""
+    itemsize = torch.empty((), dtype=weight_dtype).element_size()
+    block_k = 256 if itemsize == 1 else 128
+    active = min(num_pairs, num_experts)
+    block_n = 16
+    for candidate in ((64, 32) if fused else (128, 64, 32)):
+        if active * _cdiv(n, candidate) >= num_sms:
+            block_n = candidate
+            break
+    return _fit(MoeTileConfig(16, block_n, block_k, num_warps=4, num_stages=4), n, k, fused, itemsize)
+
+
+def grouped_config(num_pairs: int, num_experts: int, n: int, k: int, fused: bool,
+                   weight_dtype: torch.dtype) -> MoeTileConfig:
+    """Tensor-core tiles sized by the mean number of pairs per expert, so padding stays under ~half a block."""
+    itemsize = torch.empty((), dtype=weight_dtype).element_size()
+    per_expert = num_pairs / num_experts
+    if per_expert <= 16:
+        cfg = MoeTileConfig(16, 64, 128, num_warps=4, num_stages=4, group_m=1)
+    elif per_expert <= 32:
+        cfg = MoeTileConfig(32, 64, 128, num_warps=4, num_stages=4, group_m=4)
+    elif per_expert <= 96:
+        cfg = MoeTileConfig(64, 64 if fused else 128, 64, num_warps=4, num_stages=4, group_m=8)
+    else:
+        cfg = MoeTileConfig(128, 64 if fused else 128, 64, num_warps=8, num_stages=3, group_m=8)
+    if itemsize == 1:
+        cfg = MoeTileConfig(cfg.block_m, cfg.block_n, cfg.block_k * 2, cfg.num_warps, cfg.num_stages, cfg.group_m)
+    return _fit(cfg, n, k, fused, itemsize)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> None:
+    num_experts, two_i, hidden = w13.shape
+    if x.dim() != 2 or x.shape[1] != hidden or two_i % 2:
+        raise ValueError(f"x {tuple(x.shape)} does not fit w13 {tuple(w13.shape)} ([E, 2I, H])")
+    if w2.shape != (num_experts, hidden, two_i // 2):
+        raise ValueError(f"w2 {tuple(w2.shape)} must be [E, H, I] = {(num_experts, hidden, two_i // 2)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} must be [T, k]")
+    if (w13.dtype == FP8_DTYPE) != (w2.dtype == FP8_DTYPE):
+        raise ValueError("w13 and w2 must both be fp8 or both unquantized")
+    if w13.dtype == FP8_DTYPE:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError("fp8 expert weights need w13_scale [E, 2I, 1] and w2_scale [E, H, 1]")
+        if w13_scale.shape != (num_experts, two_i, 1) or w2_scale.shape != (num_experts, hidden, 1):
+            raise ValueError(f"scales {tuple(w13_scale.shape)}, {tuple(w2_scale.shape)} must be [E, N, 1]")
+    elif w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"expert weights ({w13.dtype}, {w2.dtype}) must match x ({x.dtype}) or be fp8")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              *, path: str = "auto", configs: tuple[MoeTileConfig, MoeTileConfig] | None = None) -> torch.Tensor:
+    """Mixture-of-experts FFN: x `[T, H]` -> `[T, H]` in x's dtype.
+
+    `path`: "auto" (low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, else grouped), "low_latency" or
+    "grouped". `configs` overrides the (GEMM1, GEMM2) tiles (tests, benchmark sweeps). Capturable in a CUDA
+    graph: no host syncs, and every launch's grid depends only on shapes.
+    """
+    _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if not _use_triton(x):
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    if path == "auto":
+        path = "low_latency" if num_pairs <= LOW_LATENCY_MAX_PAIRS else "grouped"
+    if path == "low_latency" and num_pairs > LOW_LATENCY_MAX_PAIRS:
+        raise ValueError(f"the low-latency path takes at most {LOW_LATENCY_MAX_PAIRS} pairs, got {num_pairs}")
+    if path not in ("low_latency", "grouped"):
+        raise ValueError(f"path must be auto, low_latency or grouped, got {path!r}")
+
+    if configs is None:
+        if path == "low_latency":
+            num_sms = _num_sms(x.device.index or 0) if x.is_cuda else _DEFAULT_NUM_SMS
+            configs = (low_latency_config(num_pairs, num_experts, inter, hidden, True, w13.dtype, num_sms),
+                       low_latency_config(num_pairs, num_experts, hidden, inter, False, w2.dtype, num_sms))
+        else:
+            configs = (grouped_config(num_pairs, num_experts, inter, hidden, True, w13.dtype),
+                       grouped_config(num_pairs, num_experts, hidden, inter, False, w2.dtype))
+    if path == "grouped" and configs[0].block_m != configs[1].block_m:
+        raise ValueError("both grouped GEMMs share one alignment, so their block_m must match")
+
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    alignment = align_tokens(ids, num_experts, configs[0].block_m) if path == "grouped" else None
+    fp8 = w13.dtype == FP8_DTYPE
+
+    a1, a1_scale = quantize_fp8_per_token(x) if fp8 else (x, None)
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _gemm(a1, a1_scale, w13, w13_scale, act, ids, weights, alignment, top_k, inter, configs[0], first=True)
+    a2, a2_scale = quantize_fp8_per_token(act) if fp8 else (act, None)
+    per_pair = torch.empty(num_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
+    _gemm(a2, a2_scale, w2, w2_scale, per_pair.view(num_pairs, hidden), ids, weights, alignment, top_k, 0,
+          configs[1], first=False)
+    return per_pair.sum(dim=1)
+
+
+_TORCH_TO_TL: dict[torch.dtype, object] = {}
+if HAS_TRITON:
+    _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                    FP8_DTYPE: tl.float8e4nv}
+
+
+def _dot_args(dtype: torch.dtype) -> tuple[object, str]:
+    """(operand dtype for tl.dot, input precision). fp32 runs exact IEEE dots. The interpreter multiplies bf16
+    dot operands as raw bit patterns, so there bf16 tiles are widened to fp32 (exactly) before the dot."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and TRITON_INTERPRETED):
+        return tl.float32, "ieee"
+    return _TORCH_TO_TL[dtype], "tf32"
+
+
+def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
+          out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+          alignment: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, top_k: int, up_offset: int,
+          cfg: MoeTileConfig, first: bool) -> None:
+    """Launch one expert GEMM. `first`: GEMM1 (rows of `a` are tokens, SiLU-and-mul over gate rows n and up
+    rows `up_offset + n`); else GEMM2 (rows of `a` are pairs, output scaled by the pair's routing weight)."""
+    num_pairs, n = out.shape
+    k = a.shape[1]
+    fp8 = w.dtype == FP8_DTYPE
+    dot_dtype, precision = _dot_args(w.dtype)
+    scale_ptr = w_scale if fp8 else w
+    scale_strides = (w_scale.stride(0), w_scale.stride(1)) if fp8 and w_scale is not None else (0, 0)
+    common = dict(TOP_K=top_k, A_BY_TOKEN=first, FUSE_SILU=first, APPLY_ROUTING=not first, FP8=fp8,
+                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    args = (a, w, out, a_scale if fp8 else a, scale_ptr, weights)
+    sizes = (n, k, num_pairs, up_offset, a.stride(0), a.stride(1), *w.stride(), out.stride(0), out.stride(1),
+             *scale_strides)
+    n_tiles = _cdiv(n, cfg.block_n)
+    if alignment is None:
+        _moe_low_latency_kernel[(num_pairs, n_tiles)](*args, ids, *sizes, PAIRS_CAP=LOW_LATENCY_MAX_PAIRS, **common)
+    else:
+        sorted_ids, expert_ids, post_pad = alignment
+        m_blocks = expert_ids.numel()
+        _moe_grouped_kernel[(m_blocks * n_tiles,)](*args, sorted_ids, expert_ids, post_pad, m_blocks, *sizes,
+                                                   GROUP_M=cfg.group_m, **common)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
+                      TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        """BLOCK_T tokens: fp32 softmax over experts, then TOP_K rounds of (max, lowest index at the max)."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_e = tl.arange(0, BLOCK_E)
+        row_mask = rows < T
+        valid = row_mask[:, None] & (offs_e[None, :] < E)
+        logits = tl.load(logits_ptr + rows[:, None] * stride_t + offs_e[None, :] * stride_e, mask=valid,
+                         other=float("-inf")).to(tl.float32)
+        peak = tl.max(logits, 1)
+        probs = tl.exp(logits - peak[:, None])
+        probs = probs / tl.sum(probs, 1)[:, None]
+        probs = tl.where(valid, probs, -1.0)  # never picked, even when every real probability underflows to 0
+        slot = tl.arange(0, TOP_K_PAD)
+        top_w = tl.zeros((BLOCK_T, TOP_K_PAD), tl.float32)
+        top_i = tl.zeros((BLOCK_T, TOP_K_PAD), tl.int32)
+        total = tl.zeros((BLOCK_T,), tl.float32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(probs, 1)
+            idx = tl.min(tl.where(probs == best[:, None], offs_e[None, :], BLOCK_E), 1)
+            top_w = tl.where(slot[None, :] == j, best[:, None], top_w)
+            top_i = tl.where(slot[None, :] == j, idx[:, None], top_i)
+            total += best
+            probs = tl.where(offs_e[None, :] == idx[:, None], -1.0, probs)
+        if RENORMALIZE:
+            top_w = top_w / total[:, None]
+        out_off = rows[:, None] * TOP_K + slot[None, :]
+        out_mask = row_mask[:, None] & (slot[None, :] < TOP_K)
+        tl.store(weights_ptr + out_off, top_w, mask=out_mask)
+        tl.store(ids_ptr + out_off, top_i, mask=out_mask)
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, y_ptr, scale_ptr, K, stride_x, stride_y, FP8_MAX: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """One row: amax pass, then x / (amax / FP8_MAX) saturated to e4m3."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
+        for k0 in range(0, K, BLOCK):
+            mask = k0 + offs < K
+            v = tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
+            tl.store(y_ptr + row * stride_y + k0 + offs, q.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
+                     stride_we, stride_wn, stride_wk, K,
+                     FUSE_SILU: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """fp32 `[BLOCK_M, BLOCK_N]` accumulators of `a[a_rows] @ w[expert, w_rows].T` (and of the up rows
+        `up_offset + w_rows` when FUSE_SILU). Rows are pre-clamped to valid indices, so only K needs masks."""
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        g_ptrs = w_base + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        u_ptrs = g_ptrs + up_offset * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                wg = tl.load(g_ptrs)
+            else:
+                k_mask = offs_k[None, :] < K - k0
+                a = tl.load(a_ptrs, mask=k_mask, other=0.0)
+                wg = tl.load(g_ptrs, mask=k_mask, other=0.0)
+            a = a.to(DOT_DTYPE)
+            acc_g = tl.dot(a, tl.trans(wg.to(DOT_DTYPE)), acc_g, input_precision=DOT_PRECISION)
+            if FUSE_SILU:
+                if EVEN_K:
+                    wu = tl.load(u_ptrs)
+                else:
+                    wu = tl.load(u_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+                acc_u = tl.dot(a, tl.trans(wu.to(DOT_DTYPE)), acc_u, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+        return acc_g, acc_u
+
+    @triton.jit
+    def _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
+                    a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
+                    FUSE_SILU: tl.constexpr, APPLY_ROUTING: tl.constexpr, FP8: tl.constexpr):
+        """Epilogue: fp8 dequant (row scale x channel scale), SiLU(gate) * up or routing weight, masked store."""
+        if FP8:
+            a_scale = tl.load(a_scale_ptr + a_rows)[:, None]
+            s_base = w_scale_ptr + expert.to(tl.int64) * stride_se
+            acc_g = acc_g * a_scale * tl.load(s_base + w_rows * stride_sn)[None, :]
+            if FUSE_SILU:
+                acc_u = acc_u * a_scale * tl.load(s_base + (up_offset + w_rows) * stride_sn)[None, :]
+        if FUSE_SILU:
+            out = acc_g * tl.sigmoid(acc_g) * acc_u
+        else:
+            out = acc_g
+        if APPLY_ROUTING:
+            out = out * tl.load(topk_w_ptr + pairs, mask=pair_mask, other=0.0)[:, None]
+        c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _moe_low_latency_kernel(
+        a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, topk_w_ptr, topk_ids_ptr,
+        N, K, num_pairs, up_offset,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_se, stride_sn,
+        TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, APPLY_ROUTING: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIRS_CAP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        """Program (pair p, N tile): runs only if p is the first pair routed to its expert, and then computes
+        that N tile for all of the expert's pairs, BLOCK_M at a time (one chunk unless an expert has more than
+        BLOCK_M tokens), so each active expert's weights are read once."""
+        pid_p = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_p = tl.arange(0, PAIRS_CAP)
+        all_ids = tl.load(topk_ids_ptr + offs_p, mask=offs_p < num_pairs, other=-1)
+        expert = tl.load(topk_ids_ptr + pid_p)
+        same = all_ids == expert
+        if tl.sum((same & (offs_p < pid_p)).to(tl.int32), 0) > 0:
+            return
+        rank = tl.where(same, tl.cumsum(same.to(tl.int32), 0) - 1, -1)
+        count = tl.sum(same.to(tl.int32), 0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = offs_n % N
+        offs_m = tl.arange(0, BLOCK_M)
+        for m0 in range(0, count, BLOCK_M):
+            select = rank[None, :] == (m0 + offs_m)[:, None]
+            pair_mask = tl.sum(select.to(tl.int32), 1) > 0
+            pairs = tl.sum(tl.where(select, offs_p[None, :], 0), 1)
+            if A_BY_TOKEN:
+                a_rows = pairs // TOP_K
+            else:
+                a_rows = pairs
+            acc_g, acc_u = _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
+                                        stride_we, stride_wn, stride_wk, K, FUSE_SILU, DOT_DTYPE, DOT_PRECISION,
+                                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+            _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
+                        a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
+                        FUSE_SILU, APPLY_ROUTING, FP8)
+
+    @triton.jit
+    def _moe_grouped_kernel(
+        a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, topk_w_ptr,
+        sorted_ids_ptr, expert_ids_ptr, post_pad_ptr, num_m_blocks,
+        N, K, num_pairs, up_offset,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_se, stride_sn,
+        TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, APPLY_ROUTING: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        """Program: one BLOCK_M block of expert-sorted pairs x one N tile. Blocks are swizzled in groups of
+        GROUP_M so consecutive programs share a weight tile (L2 reuse); blocks past the used length exit."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+        if pid_m * BLOCK_M >= tl.load(post_pad_ptr):
+            return
+        expert = tl.load(expert_ids_ptr + pid_m)
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        pair_mask = pairs < num_pairs
+        pairs = tl.where(pair_mask, pairs, 0)
+        if A_BY_TOKEN:
+            a_rows = pairs // TOP_K
+        else:
+            a_rows = pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = offs_n % N
+        acc_g, acc_u = _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
+                                    stride_we, stride_wn, stride_wk, K, FUSE_SILU, DOT_DTYPE, DOT_PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
+                    a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
+                    FUSE_SILU, APPLY_ROUTING, FP8)

@@ -1,0 +1,68 @@
+"""GPU checks run on the device machine (`pytest -m gpu`): bf16 engine vs transformers, CUDA graphs vs eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftlm import SamplingParams
+from swiftlm.testing import make_random_checkpoint, tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+NEW = 32
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+def checkpoint(request, tmp_path_factory) -> str:
+    cfg = tiny_config(request.param, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=64, num_hidden_layers=4)
+    return make_random_checkpoint(cfg, str(tmp_path_factory.mktemp(request.param)), dtype="bfloat16", seed=3)
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 33, 128, 300)]
+
+
+def test_bf16_greedy_and_logits_match_transformers(checkpoint) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from swiftlm.engine.llm import LLM
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(checkpoint, gpu_memory_utilization=0.3)
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = llm.generate(_prompts(), params, use_tqdm=False)
+    agree = []
+    for prompt, out in zip(_prompts(), outs):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            logits = ref(ids).logits[0, -1].float()
+        ref_lp = torch.log_softmax(logits, -1)
+        assert abs(out.logprobs[0].logprob - ref_lp[out.token_ids[0]].item()) < 0.05
+        with torch.no_grad():
+            full = ref.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(prompt):]
+        same = (torch.tensor(out.token_ids, device="cuda") == full).int().cumprod(0).sum().item()
+        agree.append(same / NEW)
+    assert min(agree) >= 0.5 and sum(agree) / len(agree) >= 0.75, agree
+
+
+def test_cuda_graphs_equal_eager(checkpoint) -> None:
+    from swiftlm.engine.llm import LLM
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    graph = LLM(checkpoint, gpu_memory_utilization=0.3, max_num_seqs=16)
+    assert graph.engine.model_runner.graphs
+    with_graphs = [o.token_ids for o in graph.generate(_prompts(), params, use_tqdm=False)]
+    del graph
+    eager = LLM(checkpoint, gpu_memory_utilization=0.3, max_num_seqs=16, enforce_eager=True)
+    assert not eager.engine.model_runner.graphs
+    assert [o.token_ids for o in eager.generate(_prompts(), params, use_tqdm=False)] == with_graphs
+
+
+def test_seeded_sampling_is_batch_independent(checkpoint) -> None:
+    from swiftlm.engine.llm import LLM
+    llm = LLM(checkpoint, gpu_memory_utilization=0.3, max_num_seqs=16)
+    p = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=42, ignore_eos=True)
+    alone = llm.generate([_prompts()[1]], p, use_tqdm=False)[0].token_ids
+    mixed = llm.generate(_prompts(), [SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True), p,
+                                      SamplingParams(max_tokens=7, ignore_eos=True), p], use_tqdm=False)
+    assert mixed[1].token_ids == alone
