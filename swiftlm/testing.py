@@ -142,20 +142,30 @@ def _tensor_seed(seed: int, name: str) -> int:
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Deterministic init that keeps a random model's output context-dependent rather than degenerate.
 
-    Values are uniform with a chosen std: torch's CPU `rand` and the affine map below are exact IEEE operations,
-    so every machine writes the same bytes (a normal sampler would go through platform-specific vectorised
-    log/cos). Projections get std 1/sqrt(fan_in) so each sub-layer contributes O(1) to the residual stream and
-    outweighs the embedding; otherwise tied embeddings make a random model echo its last input token. Norm
-    weights are near, not exactly, 1 so an engine that ignores them disagrees with the reference.
+    Values are uniform with a chosen std: torch's CPU `rand` and the affine maps below are exact or correctly
+    rounded IEEE operations, so every machine writes the same bytes (a normal sampler goes through
+    platform-specific vectorised log/cos). Projections get std 1/sqrt(fan_in), the residual writers (o_proj,
+    down_proj) twice that, and q/k norms weights near 2 so attention is selective and the output depends on
+    context. The final norm's weights get random signs: the residual stream still holds the input token's own
+    embedding, and with tied (or merely similar) embeddings that term makes the argmax echo the input token;
+    random signs cancel it. Other norm weights are near, not exactly, 1 so an engine that ignores them disagrees
+    with the reference.
     """
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
     centred = torch.rand(shape, generator=gen, dtype=torch.float32) - 0.5
-    if "norm" in name:
+    leaf = name.split(".")[-2]
+    if name == "model.norm.weight":
+        t = torch.where(centred < 0, -1.0, 1.0) * (0.8 + 0.8 * centred.abs())
+    elif leaf in ("q_norm", "k_norm"):
+        t = 2.0 + 0.4 * centred
+    elif "norm" in leaf:
         t = 1.0 + 0.2 * centred
     elif name.endswith(".bias"):
         t = centred * (0.1 * math.sqrt(12.0))
-    elif "embed_tokens" in name or name.startswith("lm_head"):
+    elif leaf in ("embed_tokens", "lm_head"):
         t = centred * (_LOGIT_STD * math.sqrt(12.0 / shape[-1]))
+    elif leaf in ("o_proj", "down_proj"):
+        t = centred * (2.0 * math.sqrt(12.0 / shape[-1]))
     else:
         t = centred * math.sqrt(12.0 / shape[-1])
     return t.to(dtype)
@@ -214,7 +224,7 @@ def _complete_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Validate with transformers and fill missing fields, keeping the hub spelling (rope_theta, num_experts)."""
     from transformers import AutoConfig
 
-    hf = AutoConfig.for_model(cfg["model_type"], **cfg)
+    hf = AutoConfig.for_model(**cfg)
     out = dict(cfg)
     keys = _FILLED + (_FILLED_QWEN3 if cfg["model_type"] != "qwen2" else ()) + (
         _FILLED_MOE if cfg["model_type"] == "qwen3_moe" else ())

@@ -46,6 +46,10 @@ def ref_keep(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return keep
 
 
+def noise_keys(n_rows: int, step: int, device: torch.device = CPU) -> torch.Tensor:
+    return torch.tensor([row_key(s, step) for s in range(n_rows)], dtype=torch.int64, device=device).T.contiguous()
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
@@ -142,7 +146,7 @@ def test_filtered_sampling_matches_renormalised_softmax():
 
 
 def test_gumbel_noise_is_standard_gumbel():
-    keys = torch.tensor([list(k) for k in zip(*(row_key(s, 0) for s in range(64)))], dtype=torch.int64)
+    keys = noise_keys(64, 0)
     noise = gumbel_noise(keys, 4096).double()
     assert torch.isfinite(noise).all()
     assert abs(noise.mean().item() - 0.5772156649) < 0.01
@@ -184,7 +188,7 @@ def test_filter_masks_equal_sort_reference(tied: bool):
 def test_top_p_counts_ties_beyond_the_top_k_candidates():
     # k = 2 but four tokens tie at the 2nd value: the top-k set has 5 tokens and top-p must see all their mass.
     logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
-    for p in (0.3, 0.6, 0.9):
+    for p in (0.3, 0.6, 0.75, 0.9):
         batch = SamplingBatch.build([row(top_k=2, top_p=p)], 7, CPU)
         assert batch.candidate_width == 2 and batch.count_top_k_ties
         keep = logits[0] >= filter_thresholds(logits, batch)[0]
@@ -272,6 +276,8 @@ def test_logprobs_come_from_raw_logits():
     assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
     assert out.top_ids[:, 0].tolist() == logits.argmax(-1).tolist()
     assert out.token_ids[3].item() != logits[3].argmax().item()  # the penalty moved the draw, not the logprobs
+    only_sampled = sample(logits, [row(seed=5, logprobs=0)] * 4)
+    assert only_sampled.top_ids.shape == (4, 0) and only_sampled.logprobs.shape == (4,)
 
 
 def test_build_flags_for_mixed_rows():
@@ -317,7 +323,7 @@ def test_triton_kernel_matches_torch_in_interpreter():
         logits[0, 4500] = logits[0, 4700] = 100.0  # greedy tie across positions: lowest index
         logits[1, 10] = logits[1, 4200] = 100.0    # greedy tie across blocks
         inv_t = torch.rand(rows, generator=gen) + 0.5
-        keys = torch.tensor([list(k) for k in zip(*(row_key(s, 3) for s in range(rows)))], dtype=torch.int64)
+        keys = torch.tensor([row_key(s, 3) for s in range(rows)], dtype=torch.int64).T.contiguous()
         random = torch.arange(rows) >= 2
         thresh = torch.where(torch.arange(rows) % 2 == 0, logits.topk(40).values[:, -1], float("-inf"))
         for t in (None, thresh):
@@ -330,7 +336,8 @@ def test_triton_kernel_matches_torch_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
@@ -344,8 +351,7 @@ def test_triton_kernel_matches_torch_on_gpu():
     rows, vocab = 64, 151936
     logits = torch.randn(rows, vocab, generator=gen, device=dev) * 3
     inv_t = torch.rand(rows, generator=gen, device=dev) + 0.5
-    keys = torch.tensor([list(k) for k in zip(*(row_key(s, 11) for s in range(rows)))], dtype=torch.int64,
-                        device=dev)
+    keys = noise_keys(rows, 11, dev)
     random = torch.arange(rows, device=dev) >= 4
     thresh = torch.where(torch.arange(rows, device=dev) % 2 == 0, logits.topk(100).values[:, -1], float("-inf"))
     for t in (None, thresh):

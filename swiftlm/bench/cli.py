@@ -11,8 +11,9 @@ import json
 import math
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # EngineConfig fields the offline commands expose as flags; `seed` is shared with the prompt generator instead.
 _ENGINE_SKIP = {"model", "seed", "extra"}
@@ -170,7 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
     levels = parse_concurrency_list(args.max_concurrency)
     extra_body = json.loads(args.extra_body) if args.extra_body else {}
     if not isinstance(extra_body, dict):
-        raise ValueError("--extra-body must be a JSON object")
+        raise TypeError("--extra-body must be a JSON object")
     model = resolve_model(args.base_url, args.model)
     cfg = EndpointConfig(base_url=args.base_url, model=model, endpoint=args.endpoint, temperature=args.temperature,
                          ignore_eos=args.ignore_eos, extra_body=extra_body, request_timeout=args.request_timeout)
@@ -183,7 +184,8 @@ def _serve(args: argparse.Namespace) -> int:
                            not args.disable_tqdm)
     results = serve_results(levels_out, args.save_detailed)
     label = args.label or Path(model).name
-    paths = _finish(args, "serve", label, results, serve_markdown(label, results))
+    paths = _finish(args, "serve", label, results, serve_markdown(label, results),
+                    {"model": model, "url": cfg.url, "num_requests": len(requests)})
     if paths:
         paths += plot_serve(results, paths[0].parent, paths[0].stem)
     _report_paths(paths)
@@ -191,8 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _build_llm(args: argparse.Namespace) -> Any:
-    from swiftlm.config import EngineConfig
     from swiftlm import LLM
+    from swiftlm.config import EngineConfig
 
     engine_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                      if f.name not in _ENGINE_SKIP and hasattr(args, f.name)}
@@ -261,7 +263,7 @@ def _reliability(args: argparse.Namespace) -> int:
     notes = [f"errors: {report.errors or 'none'}", f"HTTP attempts: {report.attempt_outcomes}",
              f"token count check: {report.token_check}"]
     paths = _finish(args, "reliability", label, results,
-                    metrics_markdown(f"bench reliability: {label}", results, notes))
+                    metrics_markdown(f"bench reliability: {label}", results, notes), {"model": model})
     if paths:
         paths.append(plot_cdf(report.latencies_s, paths[0].with_name(paths[0].stem + "-cdf.png"),
                               f"Latency CDF, {cfg.users} users"))

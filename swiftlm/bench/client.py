@@ -113,7 +113,7 @@ async def stream_once(session: aiohttp.ClientSession, url: str, payload: dict[st
         result.error, result.error_detail = "truncated stream", str(e)
     except aiohttp.ClientError as e:
         result.error, result.error_detail = f"connection error ({type(e).__name__})", str(e)
-    except Exception as e:  # a client-side bug must still land in a bucket, never vanish from the counts
+    except Exception as e:  # noqa: BLE001 - a client-side bug must still land in a bucket, never vanish from counts
         result.error, result.error_detail = f"client exception ({type(e).__name__})", str(e)
     return result
 
@@ -129,11 +129,11 @@ async def send_request(session: aiohttp.ClientSession, cfg: EndpointConfig, req:
 
 async def first_model(base_url: str, timeout: float = 30.0) -> str:
     """The first id /v1/models lists, for when --model is not given."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(join_url(base_url, "/v1/models"), headers=auth_headers(),
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            resp.raise_for_status()
-            data = await resp.json()
+    async with aiohttp.ClientSession() as session, session.get(
+            join_url(base_url, "/v1/models"), headers=auth_headers(), timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as resp:
+        resp.raise_for_status()
+        data = await resp.json()
     models = data.get("data") or []
     if not models:
         raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -14,11 +15,15 @@ import numpy as np
 DEFAULT_ID_RANGE = (1000, 30000)
 
 # Text fallback for chat endpoints without a tokenizer: common words, mostly one BPE token each after a space.
-WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
-          "word but not what all were we when your can said there use an each which she do how their if will up "
-          "other about out many then them these so some her would make like him into time has look two more write "
-          "go see number no way could people my than first water been call who oil its now find long down day did "
-          "get come made may part").split()
+WORDS = (
+    "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his",
+    "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all",
+    "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their",
+    "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would",
+    "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way",
+    "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long",
+    "down", "day", "did", "get", "come", "made", "may", "part"
+)
 
 
 class Tokenizer(Protocol):
@@ -92,7 +97,7 @@ def random_requests(num: int, input_len: int, output_len: int, range_ratio: floa
     in_lens = sample_lengths(input_len, range_ratio, num, rng)
     out_lens = sample_lengths(output_len, range_ratio, num, rng)
     return [_to_endpoint(_random_ids(pool, n_in, rng), n_out, chat, tokenizer)
-            for n_in, n_out in zip(in_lens, out_lens)]
+            for n_in, n_out in zip(in_lens, out_lens, strict=True)]
 
 
 def shared_prefix_requests(num: int, prefix_len: int, num_prefixes: int, input_len: int, output_len: int,

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from swiftlm.bench.datasets import SampleRequest, random_requests, token_pool
-from swiftlm.bench.metrics import (LatencyStats, Roofline, decode_time_per_token, kv_bytes_per_token, prefill_flops,
-                                   roofline)
+from swiftlm.bench.metrics import (
+    LatencyStats,
+    Roofline,
+    decode_time_per_token,
+    kv_bytes_per_token,
+    prefill_flops,
+    roofline,
+)
 
 
 class GeneratesText(Protocol):
@@ -122,7 +129,7 @@ class DevicePeaks:
     device_name: str
 
 
-def _cuda_time(fn: Any, iters: int) -> float:
+def _cuda_time(fn: Callable[[], object], iters: int) -> float:
     """Seconds per call of `fn` on the current CUDA stream, after one warmup call."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,16 +150,22 @@ def measure_device_peaks(nbytes: int = 1 << 30, n: int = 8192) -> DevicePeaks | 
     if not torch.cuda.is_available():
         return None
     dev = torch.device("cuda")
+    peaks = DevicePeaks(2 * nbytes / _copy_time(nbytes, dev), 2 * n ** 3 / _matmul_time(n, dev),
+                        torch.cuda.get_device_name(dev))
+    torch.cuda.empty_cache()
+    return peaks
+
+
+def _copy_time(nbytes: int, dev: torch.device) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_s = _cuda_time(lambda: dst.copy_(src), 20)
-    del src, dst
+    return _cuda_time(lambda: dst.copy_(src), 20)
+
+
+def _matmul_time(n: int, dev: torch.device) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
-    mm_s = _cuda_time(lambda: torch.mm(a, b), 10)
-    del a, b
-    torch.cuda.empty_cache()
-    return DevicePeaks(2 * nbytes / copy_s, 2 * n ** 3 / mm_s, torch.cuda.get_device_name(dev))
+    return _cuda_time(lambda: torch.mm(a, b), 10)
 
 
 @dataclass
@@ -241,7 +254,7 @@ def run_latency(llm: GeneratesText, cfg: LatencyConfig, show_progress: bool = Tr
     for _ in tqdm(range(cfg.num_iters), desc="latency", file=sys.stderr, disable=not show_progress):
         prefill_s.append(timed(one))
         full_s.append(timed(full))
-    decode = [decode_time_per_token(f, p, cfg.output_len) for f, p in zip(full_s, prefill_s)]
+    decode = [decode_time_per_token(f, p, cfg.output_len) for f, p in zip(full_s, prefill_s, strict=True)]
     med_prefill, med_decode = float(np.median(prefill_s)), float(np.median(decode))
 
     cost = model_cost(llm)
@@ -302,7 +315,9 @@ def encode_requests(requests: Sequence[SampleRequest], tokenizer: Any) -> list[l
     return out
 
 
-def throughput_requests(llm: GeneratesText, num: int, input_len: int, output_len: int, seed: int) -> list[SampleRequest]:
+def throughput_requests(llm: GeneratesText, num: int, input_len: int, output_len: int,
+                        seed: int) -> list[SampleRequest]:
+    """Random token-id prompts whose ids fit the model's vocabulary."""
     return random_requests(num, input_len, output_len, seed=seed, vocab_size=vocab_size(llm))
 
 

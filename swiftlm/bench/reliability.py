@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -188,7 +189,7 @@ async def _user(uid: int, cfg: ReliabilityConfig, session: aiohttp.ClientSession
     await asyncio.sleep(rng.uniform(0.0, min(1.0, cfg.duration_s / 4)))
     while time.monotonic() < deadline:
         prompt = " ".join(rng.choice(WORDS) for _ in range(cfg.prompt_words))
-        payload: dict = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
+        payload: dict[str, Any] = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
                          "max_tokens": cfg.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
         if cfg.logprobs:
             payload["logprobs"] = True
@@ -199,8 +200,8 @@ async def _user(uid: int, cfg: ReliabilityConfig, session: aiohttp.ClientSession
             await asyncio.sleep(rng.uniform(0.0, 2 * cfg.think_time))
 
 
-async def _logical_request(cfg: ReliabilityConfig, session: aiohttp.ClientSession, url: str, payload: dict,
-                           tally: Tally) -> None:
+async def _logical_request(cfg: ReliabilityConfig, session: aiohttp.ClientSession, url: str,
+                           payload: dict[str, Any], tally: Tally) -> None:
     """Send until accepted or out of retries; record exactly one request outcome and one outcome per attempt."""
     tally.requests_started += 1
     t0 = time.perf_counter()

@@ -13,13 +13,15 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from swiftlm.bench.serve import LevelResult
+if TYPE_CHECKING:
+    from swiftlm.bench.serve import LevelResult
 
 # (metric key, column title) of the serve table, in the order vLLM prints them.
 SERVE_COLUMNS = (
@@ -34,9 +36,10 @@ SERVE_COLUMNS = (
 )
 
 
-def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+def _run(cmd: list[str]) -> str | None:
+    """Stdout of a probe command, or None if it is missing, fails or hangs: the environment is best effort."""
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -55,7 +58,7 @@ def collect_environment() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv),
         "swiftlm": _version("swiftlm"),
         "triton": _version("triton"),
@@ -125,7 +128,7 @@ def serve_results(levels: Sequence[LevelResult], detailed: bool = False) -> list
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -200,7 +203,7 @@ def plot_serve(results: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> l
     paths = [_save(fig, out_dir / f"{stem}-throughput.png")]
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name in zip(axes, ("ttft", "tpot")):
+    for ax, name in zip(axes, ("ttft", "tpot"), strict=True):
         for stat in ("mean", "median", "p99"):
             ax.plot(x, series(f"{stat}_{name}_ms"), "o-", label=stat)
         style(ax, "ms", f"{name.upper()} vs concurrency")
@@ -228,7 +231,7 @@ def plot_cdf(latencies_s: Sequence[float], path: Path, title: str) -> Path:
 
 
 def file_stem(kind: str, label: str) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
     return f"{kind}-{safe}-{stamp}"
 
@@ -280,7 +283,7 @@ def compare_markdown(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> s
 def load_runs(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """Result JSONs and display labels (their label, disambiguated by file name when two share one)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    labels = [str(r.get("label") or Path(p).stem) for r, p in zip(runs, paths)]
+    labels = [str(r.get("label") or Path(p).stem) for r, p in zip(runs, paths, strict=True)]
     if len(set(labels)) < len(labels):
-        labels = [f"{lab} ({Path(p).stem})" for lab, p in zip(labels, paths)]
+        labels = [f"{lab} ({Path(p).stem})" for lab, p in zip(labels, paths, strict=True)]
     return runs, labels

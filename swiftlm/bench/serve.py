@@ -75,7 +75,7 @@ async def _run_level(cfg: EndpointConfig, requests: list[SampleRequest], concurr
 
         start = time.perf_counter()
         tasks = []
-        for req, offset in zip(requests, offsets):
+        for req, offset in zip(requests, offsets, strict=True):
             delay = start + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -63,9 +63,10 @@ def _logprob_count(choice: dict[str, Any]) -> int | None:
 class StreamAccumulator:
     """One request's stream state: fed `(payload, arrival_time)` pairs, it yields TTFT, ITLs, counts and checks.
 
-    Tokens per chunk come from, in order of trust: the chunk's logprobs, a per-chunk `usage` delta (vLLM's
-    continuous usage stats), else 1 for a chunk with non-empty text. Only the last guess can be wrong (a server may
-    hold back partial UTF-8 and ship two tokens as one chunk), so `exact_counts` records whether it was needed.
+    Tokens per chunk come from, in order of trust: the chunk's logprobs, a per-chunk cumulative `usage` (vLLM's
+    continuous usage stats) minus what was counted so far, else 1 for a chunk with non-empty text. Only that last
+    guess can be wrong (a server may hold back partial UTF-8 and ship two tokens as one chunk), so `exact_counts`
+    records whether it was needed.
     """
 
     start: float
@@ -80,7 +81,6 @@ class StreamAccumulator:
     done: bool = False
     error: str | None = None
     error_detail: str = ""
-    _usage_tokens_seen: int = 0
 
     def add(self, payload: str, now: float) -> None:
         if payload.strip() == "[DONE]":
@@ -103,13 +103,12 @@ class StreamAccumulator:
             self._add_choice(choices[0], usage, now)
         if usage is not None:
             self.usage = usage
-            self._usage_tokens_seen = int(usage.get("completion_tokens") or 0)
 
     def _add_choice(self, choice: dict[str, Any], usage: dict[str, Any] | None, now: float) -> None:
         text = _choice_text(choice)
         n = _logprob_count(choice)
         if n is None and usage is not None and usage.get("completion_tokens") is not None:
-            n = int(usage["completion_tokens"]) - self._usage_tokens_seen
+            n = int(usage["completion_tokens"]) - self.tokens_counted
         if n is None:
             n = 1 if text else 0
             self.exact_counts = self.exact_counts and not text

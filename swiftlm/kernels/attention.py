@@ -360,15 +360,17 @@ def _dot_args(dtype: torch.dtype) -> tuple:
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages): ~16 KB K and V tiles per step keep enough bytes in flight for HBM."""
-    block_n = max(16, min(128, 8192 // head_dim)) if dtype != torch.float32 else max(16, 4096 // head_dim)
-    return block_n, 4, 3 if dtype != torch.float32 else 2
+    """(BLOCK_N, num_warps, num_stages): ~16 KB K and V tiles per step keep enough bytes in flight for HBM.
+    fp32 (exact FMA dots, a correctness path) uses small tiles to limit register spills."""
+    if dtype == torch.float32:
+        return max(16, 2048 // head_dim), 4, 2
+    return max(16, min(128, 8192 // head_dim)), 4, 3
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style tiles sized for H100 shared memory."""
     if dtype == torch.float32:
-        return 64, 32, 4, 2
+        return 32, 16, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:

@@ -52,8 +52,6 @@ __all__ = [
     "fused_moe_ref",
     "grouped_config",
     "low_latency_config",
-    "quantize_fp8_per_channel",
-    "quantize_fp8_per_token",
     "route",
     "route_ref",
 ]
@@ -64,7 +62,6 @@ TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used off-GPU (interpreter) so tile choices match the GPU.
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program; H100 has 227 KB, leave room for the epilogue
 
@@ -99,20 +96,28 @@ def route_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tup
     return weights, ids.to(torch.int32)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          expert_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits `[T, E]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32), weights in descending order.
 
     One Triton kernel on GPU (softmax, k rounds of arg-max, renormalize) instead of the five or so launches of
     the PyTorch version, which matters at decode where a 48-layer model runs it 48 times per step. Ties go to
-    the lower expert id.
+    the lower expert id. `expert_counts` (`[E]` int64), when given, is incremented by the number of tokens
+    routed to each expert, with atomics in the same kernel: no extra launch and no host sync.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
     num_tokens, num_experts = router_logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):
+        raise ValueError(f"expert_counts must be [{num_experts}] int64")
     if not _use_triton(router_logits):
-        return route_ref(router_logits, top_k, renormalize)
+        weights, ids = route_ref(router_logits, top_k, renormalize)
+        if expert_counts is not None:
+            flat = ids.reshape(-1).long()
+            expert_counts.index_add_(0, flat, torch.ones_like(flat))
+        return weights, ids
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens == 0:
@@ -120,9 +125,9 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     block_e = _pow2_at_least(num_experts)
     block_t = max(1, min(64, 4096 // block_e))
     _route_kernel[(_cdiv(num_tokens, block_t),)](
-        router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0), router_logits.stride(1),
-        TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=4)
+        router_logits, weights, ids, weights if expert_counts is None else expert_counts, num_tokens, num_experts,
+        router_logits.stride(0), router_logits.stride(1), TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k),
+        RENORMALIZE=renormalize, COUNT=expert_counts is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
     return weights, ids
 
 
@@ -166,34 +171,11 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FP8 helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[E, N, K]` weights -> (float8_e4m3fn weights, fp32 scales `[E, N, 1]`), one scale per output channel."""
-    amax = w.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
-def _quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[M, K]` activations -> (float8_e4m3fn `[M, K]`, fp32 scales `[M, 1]`), dynamic, one scale per row."""
-    if not _use_triton(x):
-        return _quantize_rows_ref(x)
-    rows, cols = x.shape
-    out = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    if rows:
-        _quant_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), out.stride(0), FP8_MAX=FP8_MAX,
-                                    BLOCK=min(2048, _pow2_at_least(cols)), num_warps=4)
-    return out, scale
+def _quant_ops():
+    """`swiftlm.kernels.quant` (per-token activation and per-channel weight FP8 quantization, shared with the
+    dense FP8 linears), imported on first fp8 use: it needs Triton at import, and the 16-bit path must not."""
+    from swiftlm.kernels import quant
+    return quant
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +196,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     fp8 = w13.dtype == FP8_DTYPE
     a = x.float()
     if fp8:
-        q, s = _quantize_rows_ref(x)
+        q, s = _quant_ops().per_token_quant_fp8_ref(x)
         a = q.float() * s
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     for expert in torch.unique(topk_ids).tolist():
@@ -224,7 +206,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         gate, up = F.linear(a[tokens], w_up).split(inter, dim=-1)
         act = (F.silu(gate) * up).to(x.dtype)
         if fp8:
-            q, s = _quantize_rows_ref(act)
+            q, s = _quant_ops().per_token_quant_fp8_ref(act)
             act = q.float() * s
         y = F.linear(act.float(), w_down) * topk_weights[tokens, slots, None].float()
         out.index_add_(0, tokens, y.to(x.dtype).float())
@@ -357,10 +339,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     alignment = align_tokens(ids, num_experts, configs[0].block_m) if path == "grouped" else None
     fp8 = w13.dtype == FP8_DTYPE
 
-    a1, a1_scale = quantize_fp8_per_token(x) if fp8 else (x, None)
+    quantize = _quant_ops().per_token_quant_fp8 if fp8 else None
+    a1, a1_scale = quantize(x) if quantize else (x, None)
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _gemm(a1, a1_scale, w13, w13_scale, act, ids, weights, alignment, top_k, inter, configs[0], first=True)
-    a2, a2_scale = quantize_fp8_per_token(act) if fp8 else (act, None)
+    a2, a2_scale = quantize(act) if quantize else (act, None)
     per_pair = torch.empty(num_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     _gemm(a2, a2_scale, w2, w2_scale, per_pair.view(num_pairs, hidden), ids, weights, alignment, top_k, 0,
           configs[1], first=False)
@@ -417,8 +400,8 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
 if HAS_TRITON:
 
     @triton.jit
-    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
-                      TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, T, E, stride_t, stride_e,
+                      TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
         """BLOCK_T tokens: fp32 softmax over experts, then TOP_K rounds of (max, lowest index at the max)."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -427,9 +410,9 @@ if HAS_TRITON:
         valid = row_mask[:, None] & (offs_e[None, :] < E)
         logits = tl.load(logits_ptr + rows[:, None] * stride_t + offs_e[None, :] * stride_e, mask=valid,
                          other=float("-inf")).to(tl.float32)
-        peak = tl.max(logits, 1)
+        peak = tl.where(row_mask, tl.max(logits, 1), 0.0)
         probs = tl.exp(logits - peak[:, None])
-        probs = probs / tl.sum(probs, 1)[:, None]
+        probs = probs / tl.where(row_mask, tl.sum(probs, 1), 1.0)[:, None]
         probs = tl.where(valid, probs, -1.0)  # never picked, even when every real probability underflows to 0
         slot = tl.arange(0, TOP_K_PAD)
         top_w = tl.zeros((BLOCK_T, TOP_K_PAD), tl.float32)
@@ -448,24 +431,8 @@ if HAS_TRITON:
         out_mask = row_mask[:, None] & (slot[None, :] < TOP_K)
         tl.store(weights_ptr + out_off, top_w, mask=out_mask)
         tl.store(ids_ptr + out_off, top_i, mask=out_mask)
-
-    @triton.jit
-    def _quant_rows_kernel(x_ptr, y_ptr, scale_ptr, K, stride_x, stride_y, FP8_MAX: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        """One row: amax pass, then x / (amax / FP8_MAX) saturated to e4m3."""
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), tl.float32)
-        for k0 in range(0, K, BLOCK):
-            v = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
-        for k0 in range(0, K, BLOCK):
-            mask = k0 + offs < K
-            v = tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
-            tl.store(y_ptr + row * stride_y + k0 + offs, q.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        if COUNT:
+            tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, TOP_K_PAD), 1, tl.int64), mask=out_mask)
 
     @triton.jit
     def _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,

@@ -12,8 +12,14 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs (e.g. macOS) run the references.
+    HAS_TRITON = False
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -25,13 +31,22 @@ FP8_GEMM_DISPATCH: dict[str, int] = {"triton_small_m_max": 16, "triton_large_m_m
 _SMALL_M_LIMIT = 64
 FP8_BACKENDS = ("triton_small", "triton_large", "scaled_mm", "torch")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-FP8_PRE_ROUND = _INTERPRET  # see `to_fp8`
+# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+FP8_PRE_ROUND = TRITON_INTERPRETED  # see `to_fp8`
 
 
 def can_use_triton(t: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter is on (tests)."""
-    return t.is_cuda or _INTERPRET
+    """Triton kernels run on CUDA tensors, or on CPU tensors when built under TRITON_INTERPRET=1 (tests)."""
+    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,59 +61,6 @@ def num_sms(device: torch.device) -> int:
 # Per-token activation quantization
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit
-def to_fp8(x, dtype: tl.constexpr, PRE_ROUND: tl.constexpr):
-    """Cast fp32 values already clamped to +-448 to e4m3 (`dtype`) with round-to-nearest-even.
-
-    GPUs convert with cvt.rn.satfinite. The Triton interpreter's float cast rounds without carrying into the
-    exponent (124.3 -> 64), so with PRE_ROUND the value is first rounded on the e4m3 grid in fp32 (scale by
-    the power-of-two ulp, round with the 1.5 * 2^23 trick, scale back), which makes that cast exact.
-    """
-    if PRE_ROUND:
-        exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        ulp_exp = tl.maximum(exp, 127 - 6) - 3  # e4m3: 3 mantissa bits, min normal 2^-6, subnormal step 2^-9
-        ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
-        inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
-        x = ((x * inv_ulp + 12582912.0) - 12582912.0) * ulp
-    return x.to(dtype)
-
-
-@triton.jit
-def _fp8_quant_row(x, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """Scale and clamped scaled values of one fp32 row held in registers (padding lanes must be 0)."""
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-    return q, scale
-
-
-@triton.jit
-def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                            FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                            SINGLE_PASS: tl.constexpr, PRE_ROUND: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    q_row = q_ptr + row * stride_q
-    offs = tl.arange(0, BLOCK)
-    if SINGLE_PASS:
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        q, scale = _fp8_quant_row(x, FP8_MAX, MIN_SCALE)
-        tl.store(q_row + offs, to_fp8(q, q_ptr.dtype.element_ty, PRE_ROUND), mask=mask)
-    else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
-        for k0 in range(0, K, BLOCK):
-            mask = k0 + offs < K
-            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-            tl.store(q_row + k0 + offs, to_fp8(q, q_ptr.dtype.element_ty, PRE_ROUND), mask=mask)
-    tl.store(s_ptr + row, scale)
-
-
 def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (e4m3 [..., K], fp32 scales [..., 1]); scale = max(amax / 448, 1e-12), x ~ q * scale."""
     xf = x.float()
@@ -109,10 +71,152 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _row_block(k: int) -> tuple[int, bool, int]:
     """(BLOCK, single_pass, num_warps) for a row-wise kernel over k elements."""
-    block = triton.next_power_of_2(k)
+    block = next_power_of_2(k)
     if block <= 8192:
         return block, True, 4 if block <= 2048 else 8 if block <= 4096 else 16
     return 4096, False, 8
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def to_fp8(x, dtype: tl.constexpr, PRE_ROUND: tl.constexpr):
+        """Cast fp32 values already clamped to +-448 to e4m3 (`dtype`) with round-to-nearest-even.
+
+        GPUs convert with cvt.rn.satfinite. The Triton interpreter's float cast rounds without carrying into the
+        exponent (124.3 -> 64), so with PRE_ROUND the value is first rounded on the e4m3 grid in fp32 (scale by
+        the power-of-two ulp, round with the 1.5 * 2^23 trick, scale back), which makes that cast exact.
+        """
+        if PRE_ROUND:
+            exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            ulp_exp = tl.maximum(exp, 127 - 6) - 3  # e4m3: 3 mantissa bits, min normal 2^-6, subnormal step 2^-9
+            ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
+            inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
+            x = ((x * inv_ulp + 12582912.0) - 12582912.0) * ulp
+        return x.to(dtype)
+
+    @triton.jit
+    def _fp8_quant_row(x, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """Scale and clamped scaled values of one fp32 row held in registers (padding lanes must be 0)."""
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        return q, scale
+
+    @triton.jit
+    def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+                                FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                                SINGLE_PASS: tl.constexpr, PRE_ROUND: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        q_row = q_ptr + row * stride_q
+        offs = tl.arange(0, BLOCK)
+        if SINGLE_PASS:
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            q, scale = _fp8_quant_row(x, FP8_MAX, MIN_SCALE)
+            tl.store(q_row + offs, to_fp8(q, q_ptr.dtype.element_ty, PRE_ROUND), mask=mask)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+            for k0 in range(0, K, BLOCK):
+                mask = k0 + offs < K
+                x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+                q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+                tl.store(q_row + k0 + offs, to_fp8(q, q_ptr.dtype.element_ty, PRE_ROUND), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, bias_ptr, c_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_small_m_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT,
+                                 stride_am, stride_bn, stride_cm, stride_cs,
+                                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One CTA per (N tile, K split) covering every row, so each weight byte is read once."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
+        k_begin = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < k_end
+            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_cols + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc=acc)
+        a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+        b_scale = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc * a_scale[:, None] * b_scale[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc, mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tiled GEMM with grouped tile order (weight tiles reused from L2 across GROUP_M row tiles)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Out-of-range rows/cols wrap onto valid ones for the loads; the store is masked.
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+            acc = tl.dot(a, b, acc=acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        a_scale = tl.load(as_ptr + rows)
+        b_scale = tl.load(bs_ptr + cols)
+        acc = acc * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,115 +270,23 @@ def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     return out.to(out_dtype)
 
 
-@triton.jit
-def _splitk_reduce_kernel(p_ptr, bias_ptr, c_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
 def reduce_split_k(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out[M, N] (contiguous) = sum of fp32 partials [S, M, N] + bias, in a fixed order (deterministic)."""
     split, m, n = partials.shape
     block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](partials, bias if bias is not None else partials, out,
-                                                         m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-                                                         BLOCK=block, num_warps=4)
+    _splitk_reduce_kernel[(cdiv(m * n, block),)](partials, bias if bias is not None else partials, out, m * n, n,
+                                                 SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block,
+                                                 num_warps=4)
     return out
 
 
 def choose_split_k(tiles: int, k: int, block_k: int, device: torch.device, max_split: int = 16) -> int:
     """Smallest split of K giving about two waves of CTAs, keeping whole BLOCK_K tiles per split."""
-    k_tiles = triton.cdiv(k, block_k)
+    k_tiles = cdiv(k, block_k)
     split = 1
     while tiles * split < 2 * num_sms(device) and split * 2 <= min(max_split, k_tiles):
         split *= 2
     return split
-
-
-@triton.jit
-def _fp8_gemm_small_m_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT,
-                             stride_am, stride_bn, stride_cm, stride_cs,
-                             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One CTA per (N tile, K split) covering every row, so each weight byte is read once."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < k_end
-        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_cols + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc=acc)
-    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
-    b_scale = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
-    acc = acc * a_scale[:, None] * b_scale[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc, mask=mask)
-
-
-@triton.jit
-def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tiled GEMM with grouped tile order (weight tiles reused from L2 across GROUP_M row tiles)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/cols wrap onto valid ones for the loads; the store is masked.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
-        acc = tl.dot(a, b, acc=acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    a_scale = tl.load(as_ptr + rows)
-    b_scale = tl.load(bs_ptr + cols)
-    acc = acc * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M kernel; BLOCK_M is next_pow2(M) >= 16.
@@ -308,11 +320,11 @@ def fp8_gemm_triton_small_m(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Ten
     if m > _SMALL_M_LIMIT:
         raise ValueError(f"small-M fp8 kernel handles at most {_SMALL_M_LIMIT} rows, got {m}")
     cfg = dict(FP8_SMALL_M_CONFIG, **(config or {}))
-    block_m = max(16, triton.next_power_of_2(m))
-    tiles_n = triton.cdiv(n, cfg["BLOCK_N"])
+    block_m = max(16, next_power_of_2(m))
+    tiles_n = cdiv(n, cfg["BLOCK_N"])
     split = split_k or choose_split_k(tiles_n, k, cfg["BLOCK_K"], a.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = cdiv(k, k_per_split)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
     a_scale = a_scale.reshape(-1).float()
@@ -338,7 +350,7 @@ def fp8_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     if m == 0:
         return out
     cfg = dict(_large_m_config(m), **(config or {}))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     a_scale = a_scale.reshape(-1).float()
     w_scale = w_scale.reshape(-1).float()
     _fp8_gemm_kernel[grid](a, a_scale, w, w_scale, bias if bias is not None else w_scale, out, m, n, k,

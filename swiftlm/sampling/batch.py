@@ -76,6 +76,14 @@ class SamplingBatch:
     def any_filter(self) -> bool:
         return self.any_top_k or self.any_top_p or self.any_min_p
 
+    @property
+    def any_penalty(self) -> bool:
+        return self.output_counts is not None
+
+    @property
+    def any_logprobs(self) -> bool:
+        return self.max_logprobs is not None
+
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingBatch:
         """Gather `rows` into device tensors with at most three host-to-device copies."""

@@ -96,6 +96,7 @@ if triton is not None:
 
     @triton.jit
     def _fmix32_tl(x):
+        # uint32 arithmetic wraps natively here; constants are those of _fmix32 and hash_bits.
         x ^= x >> 16
         x *= 0x85EBCA6B
         x ^= x >> 13

@@ -97,7 +97,7 @@ class Sampler:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match the batch "
                              f"({batch.num_rows}, {batch.vocab_size})")
         raw = logits
-        if batch.output_counts is not None:
+        if batch.any_penalty:
             logits = apply_penalties(logits, batch)
         if batch.min_tokens_index is not None:
             if logits is raw:
@@ -109,7 +109,7 @@ class Sampler:
             thresh = filter_thresholds(logits, batch) if batch.any_filter else None
             token_ids = gumbel_argmax(logits, batch.inv_temperature, thresh, batch.keys, batch.random)
         out = SamplerOutput(token_ids=token_ids)
-        if batch.max_logprobs is not None:
+        if batch.any_logprobs:
             logprobs = torch.log_softmax(raw.float(), dim=-1)
             out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
             out.top_logprobs, out.top_ids = logprobs.topk(batch.max_logprobs, dim=-1)

@@ -69,7 +69,6 @@ class _ServerState:
         self.requested_name = served_model_name
         self.served_model_name = served_model_name or ""
         self.metrics: ServerMetrics | None = None
-        self.vocab_size = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swiftlm-tokenizer")
         self._token_text: dict[int, str] = {}
 
@@ -77,7 +76,12 @@ class _ServerState:
         self.served_model_name = self.requested_name or self.engine.model_name
         self.metrics = ServerMetrics(self.served_model_name)
         self.engine.metrics = self.metrics
-        self.vocab_size = len(self.engine.tokenizer)
+
+    def tokenizer(self, param: str) -> Any:
+        """The server's tokenizer; a weights-only checkpoint has none, and then only token ids work."""
+        if self.engine.tokenizer is None:
+            raise APIError("this model has no tokenizer: send token ids", param=param)
+        return self.engine.tokenizer
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -91,7 +95,8 @@ class _ServerState:
         """Text of one token for logprobs; cached because the same ids recur across every top-k list."""
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+            tok = self.engine.tokenizer
+            text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else f"token_id:{token_id}"
             self._token_text[token_id] = text
         return text
 
@@ -251,7 +256,7 @@ async def _chat(state: _ServerState, body: ChatCompletionRequest) -> Response:
     state.check_model(body.model)
     body.check_supported()
     engine = state.engine
-    prompt_ids = await state.in_pool(_render_chat, engine.tokenizer, body.template_messages(),
+    prompt_ids = await state.in_pool(_render_chat, state.tokenizer("messages"), body.template_messages(),
                                      body.add_generation_prompt is not False, body.chat_template_kwargs)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
@@ -313,10 +318,10 @@ async def _completion(state: _ServerState, body: CompletionRequest) -> Response:
     engine = state.engine
     prompt = body.single_prompt()
     if isinstance(prompt, str):
-        prompt_ids = await state.in_pool(_encode, engine.tokenizer, prompt, True)
+        prompt_ids = await state.in_pool(_encode, state.tokenizer("prompt"), prompt, True)
     else:
         prompt_ids = list(prompt)
-        _check_token_ids(prompt_ids, state.vocab_size, "prompt")
+        _check_token_ids(prompt_ids, engine.vocab_size, "prompt")
     max_tokens = _resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
                                      "prompt", "max_tokens")
     params = body.sampling_params(max_tokens)
@@ -390,6 +395,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     parts, param = [], None
     for err in errors[:3]:
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         if param is None and loc:
             param = loc[0]
@@ -477,24 +484,24 @@ def build_app(engine: AsyncEngine | LLMEngine | Callable[[], LLMEngine], served_
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         state.check_model(body.model)
-        tok = async_engine.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             if not body.messages:
                 raise APIError("messages must contain at least one message", param="messages")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            tokens = await state.in_pool(_render_chat, tok, messages, body.add_generation_prompt is not False,
-                                         body.chat_template_kwargs)
+            tokens = await state.in_pool(_render_chat, state.tokenizer("messages"), messages,
+                                         body.add_generation_prompt is not False, body.chat_template_kwargs)
         else:
-            tokens = await state.in_pool(_encode, tok, body.prompt, body.add_special_tokens is not False)
+            tokens = await state.in_pool(_encode, state.tokenizer("prompt"), body.prompt,
+                                         body.add_special_tokens is not False)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": async_engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
         state.check_model(body.model)
-        tok = async_engine.tokenizer
-        _check_token_ids(body.tokens, state.vocab_size, "tokens")
+        tok = state.tokenizer("tokens")
+        _check_token_ids(body.tokens, async_engine.vocab_size, "tokens")
         return {"prompt": await state.in_pool(tok.decode, body.tokens)}
 
     @app.get("/metrics")

@@ -96,6 +96,7 @@ class AsyncEngine:
         self.tokenizer: Any = None
         self.model_name = ""
         self.max_model_len = 0
+        self.vocab_size = 0
 
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -119,6 +120,11 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._run, name="swiftlm-engine", daemon=True)
             self._thread.start()
         await asyncio.wrap_future(self._ready)
+
+    @property
+    def engine(self) -> LLMEngine | None:
+        """The wrapped engine (None until started). It belongs to the engine thread: do not call it from elsewhere."""
+        return self._engine
 
     @property
     def stats(self) -> EngineStats:
@@ -220,6 +226,7 @@ class AsyncEngine:
             self.tokenizer = _private_copy(engine.tokenizer)
             self.model_name = engine.model_name
             self.max_model_len = engine.max_model_len
+            self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else engine.vocab_size
             self._publish_stats(engine, 0)
         except BaseException as exc:
             logger.exception("engine failed to start")
@@ -248,7 +255,6 @@ class AsyncEngine:
                     return
                 if engine.has_unfinished_requests():
                     self._step(engine, tracked)
-                self._publish_stats(engine, 0)
             except Exception:
                 logger.exception("engine step failed; failing its in-flight requests")
                 self._fail_all(engine, tracked, EngineInternalError("internal engine error"))
@@ -311,6 +317,7 @@ class AsyncEngine:
                 self._count_finished(stream, out.finish_reason or "stop", out.num_prompt_tokens,
                                      out.num_output_tokens)
             deliveries.append((stream, out))
+        self._publish_stats(engine, 0)
         self._deliver(deliveries)
 
     def _fail_all(self, engine: LLMEngine, tracked: dict[str, _Stream], error: BaseException) -> None:
@@ -331,7 +338,10 @@ class AsyncEngine:
                                           generation_tokens)
 
     def _publish_stats(self, engine: LLMEngine, num_submitted: int) -> None:
-        """Snapshot stats and retire submitted adds in one step, so the waiting count never dips in between."""
+        """Snapshot stats and retire submitted adds in one step, so the waiting count never dips in between.
+
+        Called before outputs are delivered, so a client that sees its request finish also sees stats that
+        include it (and its freed KV blocks)."""
         try:
             stats = engine.get_stats()
         except Exception:

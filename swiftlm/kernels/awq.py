@@ -1,0 +1,334 @@
+"""AWQ W4A16 in AutoAWQ's GEMM layout: y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
+
+Layout: `qweight` int32 [K, N / 8] and `qzeros` int32 [K / G, N / 8] pack 8 int4 values of consecutive output
+columns per int32, in AutoAWQ's interleaved order: nibble i (bits 4i..4i+3) of word j holds column
+8j + AWQ_ORDER[i]; `scales` fp16 [K / G, N]. Kernels: a dequantizing Triton GEMM (int4 tiles expanded in
+registers feeding `tl.dot`, prefill), a GEMV-style kernel for M <= 8 (decode, FMA reductions, split-K), and a
+full dequantize used before cuBLAS for very large M. `AWQ_DISPATCH` holds the measured M thresholds.
+"""
+from __future__ import annotations
+
+import torch
+
+from swiftlm.kernels.quant import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, choose_split_k,
+                                   next_power_of_2, reduce_split_k)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+AWQ_PACK = 8
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column offset j
+
+# M <= gemv_max_m: GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
+AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 8, "dequant_mm_min_m": 1 << 30}
+_GEMV_LIMIT = 8
+AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing and reference
+# ----------------------------------------------------------------------------------------------------------
+
+def awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """int4 values [R, N] (0..15, any int dtype) -> int32 [R, N / 8] in AutoAWQ's interleaved nibble order."""
+    if values.shape[-1] % AWQ_PACK:
+        raise ValueError(f"AWQ packs 8 columns per int32; got {values.shape[-1]} columns")
+    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, AWQ_PACK)
+    packed = torch.zeros(v.shape[:-1], dtype=torch.int64, device=values.device)
+    for nibble, col in enumerate(AWQ_ORDER):
+        packed |= (v[..., col] & 0xF) << (4 * nibble)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)  # same bits as uint32
+
+
+def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, N / 8] -> int4 values [R, N] as int32 (exact inverse of `awq_pack`)."""
+    shifts = torch.tensor([4 * n for n in AWQ_REVERSE_ORDER], dtype=torch.int32, device=packed.device)
+    values = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return values.reshape(*packed.shape[:-1], packed.shape[-1] * AWQ_PACK)
+
+
+def awq_dequantize_ref(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                       dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """W [K, N] = (q - z) * s in fp32, cast to dtype (the product of an int4 and an fp16 is exact in fp32)."""
+    q = awq_unpack(qweight)
+    z = awq_unpack(qzeros).repeat_interleave(group_size, dim=0)
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    return ((q - z).float() * s).to(dtype)
+
+
+def awq_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W [K, N] (+ bias): W dequantized into x's dtype, product accumulated in fp32, cast to x's dtype."""
+    w = awq_dequantize_ref(qweight, qzeros, scales, group_size, x.dtype)
+    out = x.float() @ w.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def awq_quantize_ref(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric int4 quantization of a linear weight w [N, K] (nn.Linear orientation).
+
+    Returns (qweight [K, N/8], qzeros [K/G, N/8], scales fp16 [K/G, N]) with AutoAWQ's rule: s = (max - min) / 15,
+    z = clamp(-round(min / s), 0, 15), q = clamp(round(w / s) + z, 0, 15). No activation-aware search: this
+    makes valid checkpoints for tests and benchmarks, not accurate ones.
+    """
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"in features {k} are not divisible by group size {group_size}")
+    g = w.float().t().reshape(k // group_size, group_size, n)
+    wmax = g.amax(dim=1)
+    wmin = g.amin(dim=1)
+    scales = ((wmax - wmin).clamp(min=1e-5) / 15).to(torch.float16)
+    s = scales.float()
+    zeros = (-torch.round(wmin / s)).clamp(0, 15)
+    q = (torch.round(g / s[:, None, :]) + zeros[:, None, :]).clamp(0, 15).reshape(k, n)
+    return awq_pack(q.to(torch.int32)), awq_pack(zeros.to(torch.int32)), scales
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _unpack_shifts(offs_n):
+        """Bit shift of column n inside its int32: 4 * AWQ_REVERSE_ORDER[n % 8] = 4 * (j // 2 + 4 * (j % 2))."""
+        j = offs_n % 8
+        return ((j // 2) + (j % 2) * 4) * 4
+
+    @triton.jit
+    def _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, group, offs_n, shifts, mask_k, mask_n, N):
+        """fp32 W tile [len(k), len(offs_n)] for rows k, all of which lie in quantization group `group`."""
+        packed_cols = offs_n // 8
+        mask = mask_k[:, None] & mask_n[None, :]
+        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + packed_cols[None, :], mask=mask, other=0)
+        q = (q >> shifts[None, :]) & 0xF
+        z = tl.load(qz_ptr + group * (N // 8) + packed_cols, mask=mask_n, other=0)
+        z = (z >> shifts) & 0xF
+        s = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        return (q - z[None, :]).to(tl.float32) * s[None, :]
+
+    @triton.jit
+    def _awq_gemm_kernel(a_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_cm,
+                         stride_cs, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+        """Tiled GEMM; BLOCK_K divides GROUP_SIZE so each K tile uses one row of zeros and scales."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        shifts = _unpack_shifts(offs_n)
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        k_begin = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < k_end
+            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, k0 // GROUP_SIZE, offs_n, shifts, mask_k, mask_n, N)
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), acc=acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc=acc)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc, mask=mask)
+
+    @triton.jit
+    def _awq_gemv_kernel(a_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_cm,
+                         stride_cs, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Decode kernel: no tensor cores (M <= 8 would waste a 16-row MMA); each CTA streams a [K/split, BLOCK_N]
+        weight slab once and reduces x[m, k] * W[k, n] over k in registers."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        shifts = _unpack_shifts(offs_n)
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        k_begin = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < k_end
+            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, k0 // GROUP_SIZE, offs_n, shifts, mask_k, mask_n, N)
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)  # same rounding of W as the GEMM and the reference
+            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc, mask=mask)
+
+    @triton.jit
+    def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_k = k < K
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, (pid_k * BLOCK_K) // GROUP_SIZE, offs_n, _unpack_shifts(offs_n),
+                          mask_k, mask_n, N)
+        tl.store(w_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+           group_size: int) -> tuple[int, int, int]:
+    m, k = x.shape
+    n = qweight.shape[1] * AWQ_PACK
+    if qweight.shape[0] != k or k % group_size or scales.shape != (k // group_size, n) \
+            or qzeros.shape != (k // group_size, n // AWQ_PACK):
+        raise ValueError(f"AWQ shapes do not agree: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                         f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}, group {group_size}")
+    if x.stride(1) != 1 or not (qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("AWQ kernels need x contiguous along K and contiguous packed tensors")
+    return m, n, k
+
+
+def _block_k(group_size: int, want: int) -> int:
+    """Largest power of two <= want that divides the group size (one zeros/scales row per K tile)."""
+    block = want
+    while group_size % block:
+        block //= 2
+    return block
+
+
+def _launch_split(kernel: triton.JITFunction, tiles: int, x: torch.Tensor, qweight: torch.Tensor,
+                  qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                  block_k: int, split_k: int | None, **meta: int) -> torch.Tensor:
+    """Shared launch for the GEMM/GEMV kernels: grid (tiles, split_k); split partials reduced deterministically."""
+    m, k = x.shape
+    n = qweight.shape[1] * AWQ_PACK
+    split = split_k or choose_split_k(tiles, k, block_k, x.device)
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    kernel[(tiles, split)](
+        x, qweight, qzeros, scales, bias if bias is not None else scales, target, m, n, k, k_per_split,
+        x.stride(0), n, m * n, GROUP_SIZE=group_size, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
+        BLOCK_K=block_k, **meta)
+    if split > 1:
+        reduce_split_k(target, bias, out)
+    return out
+
+
+def awq_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
+                    config: dict[str, int] | None = None) -> torch.Tensor:
+    """Dequantizing tiled GEMM (tensor cores via tl.dot) for x [M, K] fp16/bf16."""
+    m, n, k = _check(x, qweight, qzeros, scales, group_size)
+    if m == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    if m <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    elif m <= 64:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    cfg.update(config or {})
+    block_k = _block_k(group_size, cfg.pop("BLOCK_K"))
+    tiles_m = cdiv(m, cfg["BLOCK_M"])
+    if tiles_m > 1 and split_k is None:
+        split_k = 1  # several row tiles already fill the GPU; split-K is for single-tile (small-M) launches
+    # fp32 activations get exact IEEE dots; the interpreter multiplies bf16 dot operands as raw bit patterns,
+    # so there bf16 tiles (already rounded to bf16) are widened to fp32, which keeps the GPU's numerics.
+    dot_f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and TRITON_INTERPRETED)
+    return _launch_split(_awq_gemm_kernel, tiles_m * cdiv(n, cfg["BLOCK_N"]), x, qweight, qzeros, scales,
+                         bias, group_size, block_k, split_k, DOT_F32=dot_f32, **cfg)
+
+
+def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
+                    config: dict[str, int] | None = None) -> torch.Tensor:
+    """Decode GEMV for M <= 8: CUDA-core reduction, N tiles x K splits to fill the GPU."""
+    m, n, k = _check(x, qweight, qzeros, scales, group_size)
+    if m > _GEMV_LIMIT:
+        raise ValueError(f"AWQ GEMV handles at most {_GEMV_LIMIT} rows, got {m}")
+    if m == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    block_m = next_power_of_2(m)
+    # Keep the [BLOCK_M, BLOCK_K, BLOCK_N] product at 8K elements (64 fp32 registers a thread at 4 warps).
+    cfg = {"BLOCK_N": 128, "BLOCK_K": max(8, 64 // block_m), "num_warps": 4, "num_stages": 4}
+    cfg.update(config or {})
+    block_k = _block_k(group_size, cfg.pop("BLOCK_K"))
+    return _launch_split(_awq_gemv_kernel, cdiv(n, cfg["BLOCK_N"]), x, qweight, qzeros, scales, bias,
+                         group_size, block_k, split_k, BLOCK_M=block_m, **cfg)
+
+
+def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Full W [K, N] in dtype (see `awq_dequantize_ref`); Triton when available."""
+    if not can_use_triton(qweight):
+        return awq_dequantize_ref(qweight, qzeros, scales, group_size, dtype)
+    k = qweight.shape[0]
+    n = qweight.shape[1] * AWQ_PACK
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_k = _block_k(group_size, 32)
+    _awq_dequant_kernel[(cdiv(k, block_k), cdiv(n, 128))](
+        qweight, qzeros, scales, w, n, k, GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=128, num_warps=4)
+    return w
+
+
+def select_awq_backend(x: torch.Tensor) -> str:
+    """Backend `awq_gemm` uses for x [M, K], from `AWQ_DISPATCH` (see AWQ_BACKENDS)."""
+    if not can_use_triton(x):
+        return "torch"
+    m = x.shape[0]
+    if m <= min(AWQ_DISPATCH["gemv_max_m"], _GEMV_LIMIT):
+        return "gemv"
+    if m >= AWQ_DISPATCH["dequant_mm_min_m"]:
+        return "dequant_mm"
+    return "gemm"
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+             bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """x [..., K] @ W [K, N] (+ bias) in x's dtype, with the backend picked per M unless given."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    backend = backend or select_awq_backend(x2)
+    if backend == "gemv":
+        out = awq_gemv_triton(x2, qweight, qzeros, scales, group_size, bias)
+    elif backend == "gemm":
+        out = awq_gemm_triton(x2, qweight, qzeros, scales, group_size, bias)
+    elif backend == "dequant_mm":
+        w = awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
+        out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+    elif backend == "torch":
+        out = awq_gemm_ref(x2, qweight, qzeros, scales, group_size, bias)
+    else:
+        raise ValueError(f"unknown AWQ backend {backend!r}; expected one of {AWQ_BACKENDS}")
+    return out.view(*lead, out.shape[-1])

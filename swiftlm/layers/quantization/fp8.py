@@ -1,0 +1,45 @@
+"""FP8 PTPC linear method: e4m3 weights with one scale per output channel, activations quantized per token.
+
+Two ways in: compressed-tensors "FP8-dynamic" checkpoints store `weight` (e4m3 [out, in]) and `weight_scale`
+([out, 1]); online mode (`--quantization fp8`) loads the 16-bit checkpoint and quantizes each output row in
+`process_weights_after_loading`. Either way both parameters carry `output_dim=0`, so the merged QKV / gate-up
+loaders place each shard's rows and scales at the same offset.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swiftlm.kernels.quant import FP8_DTYPE, fp8_linear, per_token_quant_fp8
+from swiftlm.layers.linear import LinearBase, LinearMethod, set_weight_attrs
+
+
+class Fp8LinearMethod(LinearMethod):
+    """`checkpoint_fp8=True`: parameters arrive quantized; False: a 16-bit weight is quantized after loading."""
+
+    def __init__(self, checkpoint_fp8: bool) -> None:
+        self.checkpoint_fp8 = checkpoint_fp8
+        # Fused MoE experts can only quantize 16-bit expert weights online, so only online mode opts in.
+        self.quant_name: str | None = None if checkpoint_fp8 else "fp8"
+
+    def create_weights(self, layer: LinearBase, input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        weight_dtype = FP8_DTYPE if self.checkpoint_fp8 else dtype
+        weight = nn.Parameter(torch.empty(output_size, input_size, dtype=weight_dtype), requires_grad=False)
+        set_weight_attrs(weight, output_dim=0, input_dim=1)
+        layer.register_parameter("weight", weight)
+        if self.checkpoint_fp8:
+            scale = nn.Parameter(torch.empty(output_size, 1, dtype=torch.float32), requires_grad=False)
+            set_weight_attrs(scale, output_dim=0)
+            layer.register_parameter("weight_scale", scale)
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if self.checkpoint_fp8:
+            return
+        weight, scale = per_token_quant_fp8(layer.weight.data)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.weight.dtype != FP8_DTYPE:
+            raise RuntimeError("FP8 layer used before process_weights_after_loading quantized its weight")
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
