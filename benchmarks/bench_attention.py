@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Paged attention kernels on the GPU: correctness on realistic shapes, then median timings.
 
 Qwen3-8B attention (Hq=32, Hkv=8, D=128, bf16, block_size 16, shuffled block tables):
@@ -12,6 +11,7 @@ Qwen3-8B attention (Hq=32, Hkv=8, D=128, bf16, block_size 16, shuffled block tab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -81,8 +81,8 @@ def bench_decode(batch: int, ctx: int, sweep: bool, gen: torch.Generator) -> lis
         variants += [(f"block_n={n}", None, n) for n in (32, 128)]
     rows = []
     for label, splits, block_n in variants:
-        ms = median_ms(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, num_splits=splits,
-                                                      out=out, block_n=block_n))
+        ms = median_ms(functools.partial(paged_decode_attention, q, k_cache, v_cache, tables, lens, SCALE,
+                                         num_splits=splits, out=out, block_n=block_n))
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         rows.append(dict(kind="decode", case=f"B={batch} ctx={ctx}", variant=label,
                          num_splits=splits or chosen, us=ms * 1e3, gbps=gbps, pct_peak=100 * gbps / PEAK_GBPS,
@@ -134,8 +134,8 @@ def bench_prefill(name: str, pairs: list[tuple[int, int]], sweep: bool, gen: tor
     rows = []
     for label, block_m, block_n in variants:
         try:
-            ms = median_ms(lambda: paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, SCALE, max_q,
-                                                           out=out, block_m=block_m, block_n=block_n))
+            ms = median_ms(functools.partial(paged_prefill_attention, q, k_cache, v_cache, tables, cu, lens, SCALE,
+                                             max_q, out=out, block_m=block_m, block_n=block_n))
         except OutOfResources as exc:
             rows.append(dict(kind="prefill", case=name, variant=label, error=str(exc)))
             continue

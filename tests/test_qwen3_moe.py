@@ -20,7 +20,7 @@ from swiftlm.engine.llm import LLM  # noqa: E402
 from swiftlm.models.qwen3_moe import MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 PROMPT_LENS = [5, 40, 2]
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 HF_CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
@@ -91,7 +91,7 @@ def test_config_reads_transformers_spelling(hf_model) -> None:
     assert moe == MoeConfig.from_dict({**raw, "num_experts": 8})
 
 
-@pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 8}], ids=["plain", "chunked"])
+@pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 16}], ids=["plain", "chunked"])
 def test_greedy_matches_transformers_generate(hf_model, prompts, expected, engine_kwargs) -> None:
     llm = LLM(hf_model[0], dtype="float32", **engine_kwargs)
     assert isinstance(llm.engine.model_runner.model, Qwen3MoeForCausalLM)

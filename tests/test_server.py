@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fake_engine import FakeEngine
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -25,7 +26,6 @@ from swiftlm.demo import demo_model_path
 from swiftlm.engine.llm_engine import LLMEngine
 from swiftlm.sampling_params import SamplingParams
 from swiftlm.server import AsyncEngine, GracefulServer, build_app
-from fake_engine import FakeEngine
 
 MODEL = "demo"
 MAX_MODEL_LEN = 256
@@ -172,8 +172,8 @@ def test_chat_stream_matches_non_stream(server: LiveServer, tokenizer: Any, samp
                          ids=["text", "token-ids", "token-ids-batch-of-1", "text-batch-of-1"])
 def test_completion_stream_matches_non_stream(server: LiveServer, tokenizer: Any, prompt: Any) -> None:
     client = server.client()
-    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.7, seed=99, logprobs=3,
-                  extra_body={"ignore_eos": True})
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0.7, "seed": 99, "logprobs": 3,
+              "extra_body": {"ignore_eos": True}}
     full = client.completions.create(**kwargs)
     inner = prompt[0] if isinstance(prompt[0], (list, str)) and not isinstance(prompt, str) else prompt
     prompt_len = len(tokenizer.encode(inner)) if isinstance(inner, str) else len(inner)
@@ -193,7 +193,7 @@ def test_completion_stream_matches_non_stream(server: LiveServer, tokenizer: Any
 
 def test_stop_string_and_stop_reason(server: LiveServer) -> None:
     client = server.client()
-    kwargs = dict(model=MODEL, prompt="The weather today is", max_tokens=16, temperature=1.0, seed=5)
+    kwargs = {"model": MODEL, "prompt": "The weather today is", "max_tokens": 16, "temperature": 1.0, "seed": 5}
     text = client.completions.create(**kwargs).choices[0].text
     # a 3-character piece of the text that first occurs after its start
     stop = next(text[i:i + 3] for i in range(1, len(text) - 3)
@@ -205,9 +205,11 @@ def test_stop_string_and_stop_reason(server: LiveServer) -> None:
 
 
 def test_missing_max_tokens_fills_context(server: LiveServer) -> None:
-    r = server.client().chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                                extra_body={"ignore_eos": True})
-    assert r.usage.total_tokens == MAX_MODEL_LEN and r.choices[0].finish_reason == "length"
+    prompt = list(range(1, MAX_MODEL_LEN - 4))
+    r = server.client().completions.create(model=MODEL, prompt=prompt, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 5
+    assert r.choices[0].finish_reason == "length"
 
 
 def test_64_concurrent_streams(server: LiveServer) -> None:
@@ -284,6 +286,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("echo", "/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("best-of", "/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("completion-logprobs-too-many", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("stop-token-out-of-vocab", "/v1/completions", {"prompt": "hi", "stop_token_ids": [2**70]}, 400,
+     "stop_token_ids"),
     ("tokenize-nothing", "/tokenize", {}, 400, "prompt"),
     ("detokenize-out-of-vocab", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
 ]
@@ -303,6 +307,13 @@ def test_bad_input_is_4xx_and_server_recovers(server: LiveServer, case: tuple) -
     if status == 404:
         assert error["code"] == "model_not_found"
     _good_chat(server)
+
+
+def test_unknown_fields_are_ignored(server: LiveServer) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi", "extra": 1}],
+                         "max_tokens": 2, "parallel_tool_calls": False, "metadata": {"k": "v"}, "store": False})
+    assert r.status_code == 200, r.text
 
 
 def test_unknown_route_and_method_have_error_body(server: LiveServer) -> None:

@@ -226,10 +226,10 @@ class LatencyResult:
 
 
 def run_latency(llm: GeneratesText, cfg: LatencyConfig, show_progress: bool = True,
-                peaks: DevicePeaks | None = None) -> LatencyResult:
+                peaks: DevicePeaks | None = None, clock: Callable[[], float] = time.perf_counter) -> LatencyResult:
     """Time prefill apart from decode: each iteration runs max_tokens=1 (prefill + first token, ~TTFT) and then
     max_tokens=output_len on fresh random prompts (fresh so a prefix cache cannot hide the prefill), and
-    decode per token = (full - prefill) / (output_len - 1)."""
+    decode per token = (full - prefill) / (output_len - 1). `clock` is swappable so tests can run on virtual time."""
     rng = np.random.default_rng(cfg.seed)
     pool = token_pool(None, vocab_size(llm))
     one, full = _sampling_params(1, cfg.temperature), _sampling_params(cfg.output_len, cfg.temperature)
@@ -239,9 +239,9 @@ def run_latency(llm: GeneratesText, cfg: LatencyConfig, show_progress: bool = Tr
 
     def timed(params: Any) -> float:
         prompts = batch()
-        t0 = time.perf_counter()
+        t0 = clock()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         short = [o for o in outs if len(o.token_ids) != params.max_tokens]
         if short:
             print(f"warning: {len(short)} outputs shorter than max_tokens={params.max_tokens}", file=sys.stderr)
@@ -322,13 +322,13 @@ def throughput_requests(llm: GeneratesText, num: int, input_len: int, output_len
 
 
 def run_throughput(llm: GeneratesText, requests: Sequence[SampleRequest], temperature: float = 1.0,
-                   show_progress: bool = True) -> ThroughputResult:
+                   show_progress: bool = True, clock: Callable[[], float] = time.perf_counter) -> ThroughputResult:
     """Submit every prompt at once with ignore_eos (vLLM's offline throughput setup) and time until all finish."""
     prompts = encode_requests(requests, _first_attr(llm, ["engine.tokenizer"]))
     params = [_sampling_params(r.max_tokens, temperature) for r in requests]
-    t0 = time.perf_counter()
+    t0 = clock()
     outs = llm.generate(prompts, params, use_tqdm=show_progress)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     prompt_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(o.token_ids) for o in outs)
     return ThroughputResult(len(outs), elapsed, prompt_tokens, output_tokens, len(outs) / elapsed,

@@ -152,7 +152,8 @@ class ModelRunner:
             slot_mapping=torch.zeros(n, dtype=torch.int64, device=self.device),
             block_tables=torch.zeros(1, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_seqlen_q=n)
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_seqlen_q=n,
+            fresh_prefill_lens=[n])
         with forward_context(meta):
             hidden = self.model(ids, ids)
         self.model.compute_logits(hidden[: self.max_num_seqs])
@@ -233,7 +234,10 @@ class ModelRunner:
             logits = self.logits_buf[:num_rows]
         else:
             ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
-            meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q, max_q)
+            fresh = [i.num_new_tokens for i in batch.scheduled] if all(
+                i.seq.num_computed_tokens == 0 for i in batch.scheduled) else None
+            meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q, max_q,
+                                     fresh_prefill_lens=None if batch.decode_only else fresh)
             with forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[logits_idx[: len(sample_rows)]])

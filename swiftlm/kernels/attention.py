@@ -27,11 +27,11 @@ except ImportError:  # CPU-only installs (e.g. macOS) run the references.
     HAS_TRITON = False
 
 __all__ = [
+    "decode_num_splits",
     "paged_decode_attention",
     "paged_decode_attention_ref",
     "paged_prefill_attention",
     "paged_prefill_attention_ref",
-    "decode_num_splits",
 ]
 
 # Kernels are decorated once at import, so whether they are interpreted is fixed then too.
@@ -61,7 +61,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(target, capacity, _MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -76,7 +76,8 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     if q.shape[-1] != head_dim or q.shape[-2] % num_kv_heads:
-        raise ValueError(f"q heads/dim {tuple(q.shape[-2:])} do not fit cache kv_heads={num_kv_heads} dim={head_dim}")
+        raise ValueError(f"q heads/dim {tuple(q.shape[-2:])} do not fit cache kv_heads={num_kv_heads} "
+                         f"dim={head_dim}")
     if block_size & (block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"block_size and head_dim must be powers of two (head_dim >= 16), got {block_size}, {head_dim}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -134,8 +135,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     """PyTorch varlen causal attention (fp32 math), bottom-right aligned: new query j of sequence i sees
     cache positions `<= seq_lens[i] - q_len_i + j`. `max_seqlen_q` is unused (kept for a shared signature)."""
     del max_seqlen_q
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    group = num_heads // k_cache.shape[2]
+    group = q.shape[1] // k_cache.shape[2]
     result = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -378,13 +378,12 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
     return 64, 32, 8, 2
 
 
-def _scales(k_cache: torch.Tensor, k_scale: float | None, v_scale: float | None) -> tuple[float | None, float | None]:
-    """FP8 caches default to unit scales; other caches must not pass scales (they would be silently wrong)."""
-    if k_cache.dtype in _FP8_DTYPES:
-        return (1.0 if k_scale is None else float(k_scale)), (1.0 if v_scale is None else float(v_scale))
-    if k_scale is not None or v_scale is not None:
+def _kernel_scales(k_cache: torch.Tensor, k_scale: float | None, v_scale: float | None) -> tuple[float, float]:
+    """Dequantisation multipliers for the kernels: fp8 caches default to 1.0; scales on a 16/32-bit cache
+    are rejected rather than silently ignored."""
+    if k_cache.dtype not in _FP8_DTYPES and (k_scale is not None or v_scale is not None):
         raise ValueError("k_scale/v_scale apply only to an fp8 KV cache")
-    return None, None
+    return (1.0 if k_scale is None else float(k_scale)), (1.0 if v_scale is None else float(v_scale))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -401,7 +400,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
     _check_cache(q, k_cache, v_cache, block_tables)
-    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
+    k_mult, v_mult = _kernel_scales(k_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -422,8 +421,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     default_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
     block_n = block_n or default_n
     dot_dtype, precision = _dot_args(q.dtype)
-    qk_scale = scale * _LOG2E * (k_scale if k_scale is not None else 1.0)
-    v_mult = v_scale if v_scale is not None else 1.0
+    qk_scale = scale * _LOG2E * k_mult
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, IN_DTYPE=_TL_DTYPES[q.dtype],
                   DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
@@ -453,12 +451,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Varlen causal (chunked-)prefill attention over the paged cache. q `[T, Hq, D]`; sequence i owns rows
     `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last q_len_i of its `seq_lens[i]` cached tokens
-    (bottom-right causal alignment). `max_seqlen_q` (a host int) sizes the grid. Returns `[T, Hq, D]`.
+    (bottom-right causal alignment). `max_seqlen_q` (a host int, >= every q_len) sizes the grid.
+    Returns `[T, Hq, D]` in q's dtype (into `out` when given); zero-length sequences are skipped.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
     _check_cache(q, k_cache, v_cache, block_tables)
-    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
+    k_mult, v_mult = _kernel_scales(k_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -476,14 +475,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = block_m or default_m
     block_n = block_n or default_n
     dot_dtype, precision = _dot_args(q.dtype)
-    qk_scale = scale * _LOG2E * (k_scale if k_scale is not None else 1.0)
+    qk_scale = scale * _LOG2E * k_mult
     grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
     _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
-                          qk_scale, v_scale if v_scale is not None else 1.0,
+                          qk_scale, v_mult,
                           q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
                           block_tables.stride(0), out.stride(0), out.stride(1),
                           GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                           BLOCK_M=block_m, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype], DOT_DTYPE=dot_dtype,
-                          DOT_PRECISION=precision,
-                          num_warps=num_warps, num_stages=num_stages)
+                          DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -84,15 +84,16 @@ if HAS_TRITON:
         """Cast fp32 values already clamped to +-448 to e4m3 (`dtype`) with round-to-nearest-even.
 
         GPUs convert with cvt.rn.satfinite. The Triton interpreter's float cast rounds without carrying into the
-        exponent (124.3 -> 64), so with PRE_ROUND the value is first rounded on the e4m3 grid in fp32 (scale by
-        the power-of-two ulp, round with the 1.5 * 2^23 trick, scale back), which makes that cast exact.
+        exponent (124.3 -> 64), so with PRE_ROUND the value is first rounded on the e4m3 grid in fp32 (scale |x|
+        by the power-of-two ulp, round with the 1.5 * 2^23 trick, scale back), which makes that cast exact.
         """
         if PRE_ROUND:
-            exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
-            ulp_exp = tl.maximum(exp, 127 - 6) - 3  # e4m3: 3 mantissa bits, min normal 2^-6, subnormal step 2^-9
+            bits = x.to(tl.int32, bitcast=True)
+            ulp_exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6) - 3  # 3 mantissa bits; min normal 2^-6
             ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
             inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
-            x = ((x * inv_ulp + 12582912.0) - 12582912.0) * ulp
+            rounded = ((tl.abs(x) * inv_ulp + 12582912.0) - 12582912.0) * ulp
+            x = tl.where(bits < 0, -rounded, rounded)  # keeps the sign of zero, as the hardware cast does
         return x.to(dtype)
 
     @triton.jit

@@ -1,4 +1,4 @@
-"""Paged attention layer: writes this step's K/V into the cache, then attends over the cache.
+"""Paged attention: QK-norm + RoPE + KV-cache write in one kernel, then attention over the cache.
 
 The model runner publishes one `AttentionMetadata` per forward through `forward_context`; every layer reads it,
 so model code stays free of batching details. Decode-only steps use the split-K decode kernel (and are what
@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from swiftlm.kernels import attention as kernels
+from swiftlm.kernels import rope
+
+_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 @dataclass
@@ -23,7 +28,9 @@ class AttentionMetadata:
 
     slot_mapping: [T] cache slot of each new token. block_tables: [B, max_blocks] int32. seq_lens: [B] int32,
     tokens in the cache per sequence after this step. cu_seqlens_q: [B+1] int32 offsets of each sequence's new
-    tokens (None on decode-only steps, where every sequence has exactly one).
+    tokens (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
+    prompt lengths when every sequence starts at position 0 (no cached prefix), which lets the GPU use cuDNN
+    attention on the new K/V directly.
     """
 
     slot_mapping: torch.Tensor
@@ -32,6 +39,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
     decode_num_splits: int | None = None
+    fresh_prefill_lens: list[int] | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -57,6 +65,18 @@ def get_forward_context() -> AttentionMetadata:
     return _context
 
 
+def rope_and_store_kv(attn: "Attention", positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                      k_norm_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional per-head RMSNorm of q/k, RoPE, and the write of k/v into `attn`'s cache slots, as one kernel."""
+    meta = get_forward_context()
+    if q.is_cuda:
+        return rope.rope_qk_norm_cache(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
+                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
+    return rope.rope_qk_norm_cache_ref(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
+                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
+
+
 class Attention(nn.Module):
     """Attention over the paged KV cache. The runner binds `k_cache`/`v_cache` after allocating them."""
 
@@ -67,18 +87,31 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] (already in the cache) -> [T, Hq, D]."""
         meta = get_forward_context()
-        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
-        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
-        on_gpu = q.is_cuda
         if meta.decode_only:
-            fn = kernels.paged_decode_attention if on_gpu else kernels.paged_decode_attention_ref
-            extra = {"num_splits": meta.decode_num_splits} if on_gpu else {}
-            return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, **extra)
-        fn = kernels.paged_prefill_attention if on_gpu else kernels.paged_prefill_attention_ref
+            if q.is_cuda:
+                return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                      meta.seq_lens, self.scale, meta.decode_num_splits)
+            return kernels.paged_decode_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                      meta.seq_lens, self.scale)
+        if q.is_cuda and meta.fresh_prefill_lens is not None:
+            return self._fresh_prefill(q, k, v, meta.fresh_prefill_lens)
+        fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
         return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
                   meta.max_seqlen_q)
+
+    def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """Prompts with no cached prefix: causal attention per sequence on the new K/V (cuDNN first)."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        group = self.num_heads // self.num_kv_heads
+        start = 0
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            for n in lens:
+                qi = q[start:start + n].transpose(0, 1).unsqueeze(0)
+                ki = k[start:start + n].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)
+                vi = v[start:start + n].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale)
+                out[start:start + n] = oi[0].transpose(0, 1)
+                start += n
+        return out

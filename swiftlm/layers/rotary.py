@@ -54,7 +54,7 @@ def compute_inv_freq(head_dim: int, base: float, scaling: dict | None, max_posit
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by position; applies to q [T, Hq, D] and k [T, Hkv, D]."""
+    """The cos/sin table `[max_position, head_dim]` (cos half, then sin half) that the fused RoPE kernel reads."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -63,12 +63,3 @@ class RotaryEmbedding(nn.Module):
         cos_sin = torch.cat([freqs.cos() * factor, freqs.sin() * factor], dim=-1).to(torch.float32)
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
         self.head_dim = head_dim
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from swiftlm.layers.activation import SiluAndMul
-from swiftlm.layers.attention import Attention
+from swiftlm.layers.attention import Attention, rope_and_store_kv
 from swiftlm.layers.embedding import LMHead, VocabEmbedding
 from swiftlm.layers.linear import LinearMethod, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from swiftlm.layers.norm import RMSNorm
@@ -72,6 +72,7 @@ class QwenAttention(nn.Module):
         super().__init__()
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
+        self.eps = cfg.rms_norm_eps
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, hq, hkv, cfg.qkv_bias, quant_for(f"{prefix}.qkv_proj"), dtype)
         self.o_proj = RowParallelLinear(hq * d, cfg.hidden_size, cfg.o_bias, quant_for(f"{prefix}.o_proj"), dtype)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
@@ -87,9 +88,9 @@ class QwenAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = rope_and_store_kv(self.attn, positions, q, k, v, self.rotary.cos_sin_cache,
+                                 self.q_norm.weight if self.q_norm is not None else None,
+                                 self.k_norm.weight if self.k_norm is not None else None, self.eps)
         out = self.attn(q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -31,14 +31,39 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from swiftlm.outputs import RequestOutput, TokenLogprob
-from swiftlm.server.async_engine import (DEFAULT_MAX_WAITING, AsyncEngine, EngineInternalError,
-                                         EngineOverloadedError, EngineShutdownError)
+from swiftlm.sampling_params import SamplingParams
+from swiftlm.server.async_engine import (
+    DEFAULT_MAX_WAITING,
+    AsyncEngine,
+    EngineInternalError,
+    EngineOverloadedError,
+    EngineShutdownError,
+)
 from swiftlm.server.metrics import ServerMetrics
-from swiftlm.server.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                     ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
-                                     ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                     CompletionResponse, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
-                                     TopLogprob, UsageInfo, error_body, new_id)
+from swiftlm.server.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TopLogprob,
+    UsageInfo,
+    error_body,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from swiftlm.config import EngineConfig
@@ -217,11 +242,6 @@ def _sse(payload: BaseModel | dict[str, Any]) -> str:
 _SSE_DONE = "data: [DONE]\n\n"
 
 
-def _stream_error(exc: BaseException) -> str:
-    err = _engine_error(exc)
-    return _sse(err.body())
-
-
 # ---- logprobs ----
 
 def _chat_logprobs(state: _ServerState, entries: list[TokenLogprob], top_k: int) -> ChatLogprobs:
@@ -252,56 +272,42 @@ def _completion_logprobs(state: _ServerState, entries: list[TokenLogprob], top_k
 
 # ---- routes ----
 
-async def _chat(state: _ServerState, body: ChatCompletionRequest) -> Response:
-    state.check_model(body.model)
-    body.check_supported()
+async def _submit(state: _ServerState, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
+                  prompt_param: str, max_tokens_param: str,
+                  id_prefix: str) -> tuple[str, SamplingParams, AsyncIterator[RequestOutput], RequestOutput]:
+    """Validate against the context, submit, and wait for the first output."""
     engine = state.engine
-    prompt_ids = await state.in_pool(_render_chat, state.tokenizer("messages"), body.template_messages(),
-                                     body.add_generation_prompt is not False, body.chat_template_kwargs)
-    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
-                                     "messages", max_param)
+                                     prompt_param, max_tokens_param)
     params = body.sampling_params(max_tokens)
-    request_id = new_id("chatcmpl")
+    _check_token_ids(params.stop_token_ids, engine.vocab_size, "stop_token_ids")
+    request_id = new_id(id_prefix)
     agen = engine.generate(request_id, prompt_ids, params)
-    first = await _first_output(agen)
-    top_k = params.logprobs or 0
-    if body.stream:
-        return StreamingResponse(_chat_stream(state, body, request_id, agen, first, top_k),
-                                 media_type="text/event-stream")
-    final = await _last_output(agen, first)
-    logprobs = _chat_logprobs(state, final.logprobs or [], top_k) if params.logprobs is not None else None
-    choice = ChatChoice(message=AssistantMessage(content=final.text), logprobs=logprobs,
-                        finish_reason=final.finish_reason, stop_reason=final.stop_reason)
-    response = ChatCompletionResponse(id=request_id, model=state.served_model_name, choices=[choice],
-                                      usage=UsageInfo.of(final.num_prompt_tokens, final.num_output_tokens))
-    return Response(response.model_dump_json(), media_type="application/json")
+    return request_id, params, agen, await _first_output(agen)
 
 
-async def _chat_stream(state: _ServerState, body: ChatCompletionRequest, request_id: str,
-                       agen: AsyncIterator[RequestOutput], first: RequestOutput, top_k: int) -> AsyncIterator[str]:
-    created = int(time.time())
-    want_logprobs = bool(body.logprobs)
+async def _sse_stream(agen: AsyncIterator[RequestOutput], first: RequestOutput, head: list[str],
+                      render: Callable[[RequestOutput], str | None],
+                      tail: Callable[[RequestOutput], list[str]]) -> AsyncIterator[str]:
+    """Drive one SSE response: `head`, one event per output that `render`s, `tail` of the final output, [DONE].
 
-    def chunk(choice: ChatChunkChoice) -> str:
-        return _sse(ChatCompletionChunk(id=request_id, created=created, model=state.served_model_name,
-                                        choices=[choice]))
-
-    yield chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))
+    Only the final output's cumulative fields are read: the engine may keep mutating them while the request runs.
+    An engine failure mid-stream becomes an `{"error": ...}` event, which OpenAI clients raise as APIError.
+    """
+    for event in head:
+        yield event
     out = first
     async with contextlib.aclosing(agen):
         try:
             async for out in _prepend(first, agen):
-                if out.delta_text or (want_logprobs and out.new_logprobs):
-                    logprobs = _chat_logprobs(state, out.new_logprobs or [], top_k) if want_logprobs else None
-                    yield chunk(ChatChunkChoice(delta=ChatDelta(content=out.delta_text), logprobs=logprobs))
+                event = render(out)
+                if event is not None:
+                    yield event
         except _ENGINE_ERRORS as exc:
-            yield _stream_error(exc)
+            yield _sse(_engine_error(exc).body())
             return
-    yield chunk(ChatChunkChoice(delta=ChatDelta(), finish_reason=out.finish_reason, stop_reason=out.stop_reason))
-    if body.include_usage():
-        yield _sse(ChatCompletionChunk(id=request_id, created=created, model=state.served_model_name, choices=[],
-                                       usage=UsageInfo.of(out.num_prompt_tokens, out.num_output_tokens)))
+    for event in tail(out):
+        yield event
     yield _SSE_DONE
 
 
@@ -312,63 +318,92 @@ async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> 
             yield out
 
 
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+async def _chat(state: _ServerState, body: ChatCompletionRequest) -> Response:
+    state.check_model(body.model)
+    body.check_supported()
+    prompt_ids = await state.in_pool(_render_chat, state.tokenizer("messages"), body.template_messages(),
+                                     body.add_generation_prompt is not False, body.chat_template_kwargs)
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    request_id, params, agen, first = await _submit(state, body, prompt_ids, "messages", max_param, "chatcmpl")
+    model, top_k = state.served_model_name, params.logprobs or 0
+    want_logprobs = params.logprobs is not None
+    if not body.stream:
+        final = await _last_output(agen, first)
+        logprobs = _chat_logprobs(state, final.logprobs or [], top_k) if want_logprobs else None
+        choice = ChatChoice(message=AssistantMessage(content=final.text), logprobs=logprobs,
+                            finish_reason=final.finish_reason, stop_reason=final.stop_reason)
+        response = ChatCompletionResponse(id=request_id, model=model, choices=[choice],
+                                          usage=UsageInfo.of(final.num_prompt_tokens, final.num_output_tokens))
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    created = int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    def render(out: RequestOutput) -> str | None:
+        if not out.delta_text and not (want_logprobs and out.new_logprobs):
+            return None
+        logprobs = _chat_logprobs(state, out.new_logprobs or [], top_k) if want_logprobs else None
+        return chunk([ChatChunkChoice(delta=ChatDelta(content=out.delta_text), logprobs=logprobs)])
+
+    def tail(out: RequestOutput) -> list[str]:
+        events = [chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=out.finish_reason,
+                                         stop_reason=out.stop_reason)])]
+        if body.include_usage():
+            events.append(chunk([], UsageInfo.of(out.num_prompt_tokens, out.num_output_tokens)))
+        return events
+
+    head = [chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+    return _event_stream(_sse_stream(agen, first, head, render, tail))
+
+
 async def _completion(state: _ServerState, body: CompletionRequest) -> Response:
     state.check_model(body.model)
     body.check_supported()
-    engine = state.engine
     prompt = body.single_prompt()
     if isinstance(prompt, str):
         prompt_ids = await state.in_pool(_encode, state.tokenizer("prompt"), prompt, True)
     else:
         prompt_ids = list(prompt)
-        _check_token_ids(prompt_ids, engine.vocab_size, "prompt")
-    max_tokens = _resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
-                                     "prompt", "max_tokens")
-    params = body.sampling_params(max_tokens)
-    request_id = new_id("cmpl")
-    agen = engine.generate(request_id, prompt_ids, params)
-    first = await _first_output(agen)
-    top_k = params.logprobs or 0
-    if body.stream:
-        return StreamingResponse(_completion_stream(state, body, request_id, agen, first, top_k),
-                                 media_type="text/event-stream")
-    final = await _last_output(agen, first)
-    logprobs = _completion_logprobs(state, final.logprobs or [], top_k, 0) if params.logprobs is not None else None
-    choice = CompletionChoice(text=final.text, logprobs=logprobs, finish_reason=final.finish_reason,
-                              stop_reason=final.stop_reason)
-    response = CompletionResponse(id=request_id, model=state.served_model_name, choices=[choice],
-                                  usage=UsageInfo.of(final.num_prompt_tokens, final.num_output_tokens))
-    return Response(response.model_dump_json(), media_type="application/json")
+        _check_token_ids(prompt_ids, state.engine.vocab_size, "prompt")
+    request_id, params, agen, first = await _submit(state, body, prompt_ids, "prompt", "max_tokens", "cmpl")
+    model, top_k = state.served_model_name, params.logprobs or 0
+    want_logprobs = params.logprobs is not None
+    if not body.stream:
+        final = await _last_output(agen, first)
+        logprobs = _completion_logprobs(state, final.logprobs or [], top_k, 0) if want_logprobs else None
+        choice = CompletionChoice(text=final.text, logprobs=logprobs, finish_reason=final.finish_reason,
+                                  stop_reason=final.stop_reason)
+        response = CompletionResponse(id=request_id, model=model, choices=[choice],
+                                      usage=UsageInfo.of(final.num_prompt_tokens, final.num_output_tokens))
+        return Response(response.model_dump_json(), media_type="application/json")
 
-
-async def _completion_stream(state: _ServerState, body: CompletionRequest, request_id: str,
-                             agen: AsyncIterator[RequestOutput], first: RequestOutput,
-                             top_k: int) -> AsyncIterator[str]:
     created = int(time.time())
-    want_logprobs = body.logprobs is not None
     offset = 0
 
-    def chunk(choice: CompletionChoice) -> str:
-        return _sse(CompletionResponse(id=request_id, created=created, model=state.served_model_name,
-                                       choices=[choice]))
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return _sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
-    out = first
-    async with contextlib.aclosing(agen):
-        try:
-            async for out in _prepend(first, agen):
-                if out.delta_text or (want_logprobs and out.new_logprobs):
-                    logprobs = (_completion_logprobs(state, out.new_logprobs or [], top_k, offset)
-                                if want_logprobs else None)
-                    offset += len(out.delta_text)
-                    yield chunk(CompletionChoice(text=out.delta_text, logprobs=logprobs))
-        except _ENGINE_ERRORS as exc:
-            yield _stream_error(exc)
-            return
-    yield chunk(CompletionChoice(text="", finish_reason=out.finish_reason, stop_reason=out.stop_reason))
-    if body.include_usage():
-        yield _sse(CompletionResponse(id=request_id, created=created, model=state.served_model_name, choices=[],
-                                      usage=UsageInfo.of(out.num_prompt_tokens, out.num_output_tokens)))
-    yield _SSE_DONE
+    def render(out: RequestOutput) -> str | None:
+        nonlocal offset
+        if not out.delta_text and not (want_logprobs and out.new_logprobs):
+            return None
+        logprobs = _completion_logprobs(state, out.new_logprobs or [], top_k, offset) if want_logprobs else None
+        offset += len(out.delta_text)
+        return chunk([CompletionChoice(text=out.delta_text, logprobs=logprobs)])
+
+    def tail(out: RequestOutput) -> list[str]:
+        events = [chunk([CompletionChoice(text="", finish_reason=out.finish_reason, stop_reason=out.stop_reason)])]
+        if body.include_usage():
+            events.append(chunk([], UsageInfo.of(out.num_prompt_tokens, out.num_output_tokens)))
+        return events
+
+    return _event_stream(_sse_stream(agen, first, [], render, tail))
 
 
 class _BearerAuth:
@@ -473,7 +508,7 @@ def build_app(engine: AsyncEngine | LLMEngine | Callable[[], LLMEngine], served_
 
     @app.get("/health")
     async def health() -> Response:
-        if not async_engine.healthy:
+        if not async_engine.accepting:
             return JSONResponse(error_body("the engine is not serving", type="server_error"), status_code=503)
         return Response(status_code=200)
 

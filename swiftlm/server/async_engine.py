@@ -138,11 +138,9 @@ class AsyncEngine:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and not self._stopped
-
-    @property
-    def healthy(self) -> bool:
-        return self.accepting and self._thread is not None and self._thread.is_alive()
+        """True while started, not draining, and the engine thread is alive."""
+        return self._accepting and not self._stopped and self._ready.done() and self._thread is not None \
+            and self._thread.is_alive()
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -171,7 +169,7 @@ class AsyncEngine:
 
     def _submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> _Stream:
         if not self.accepting:
-            raise EngineShutdownError("the server is shutting down")
+            raise EngineShutdownError("the server is not accepting requests (shutting down or not started)")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         with self._lock:
@@ -212,7 +210,8 @@ class AsyncEngine:
         await self.drain(timeout)
         stop = _Stop()
         self._inbox.put(stop)
-        await asyncio.to_thread(stop.done.wait, 30.0)
+        if self._thread.is_alive():
+            await asyncio.to_thread(stop.done.wait, 30.0)
         self._stopped = True
 
     # ---- engine thread ----
@@ -233,8 +232,16 @@ class AsyncEngine:
             self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
-
         tracked: dict[str, _Stream] = {}
+        try:
+            self._serve(engine, tracked)
+        finally:
+            # Normally reached through _Stop; if the thread dies any other way, nobody may be left waiting.
+            self._stopped = True
+            self._fail_all(engine, tracked, EngineShutdownError("the engine stopped"))
+            self._fail_queued()
+
+    def _serve(self, engine: LLMEngine, tracked: dict[str, _Stream]) -> None:
         after_error = False
         while True:
             try:
@@ -250,7 +257,6 @@ class AsyncEngine:
                 self._apply(engine, commands, tracked)
                 stop = next((c for c in commands if isinstance(c, _Stop)), None)
                 if stop is not None:
-                    self._fail_all(engine, tracked, EngineShutdownError("the engine stopped"))
                     stop.done.set()
                     return
                 if engine.has_unfinished_requests():
@@ -260,6 +266,20 @@ class AsyncEngine:
                 self._fail_all(engine, tracked, EngineInternalError("internal engine error"))
                 self._publish_stats(engine, 0)
                 after_error = True
+
+    def _fail_queued(self) -> None:
+        """Fail adds still in the inbox once the thread is gone."""
+        deliveries: list[tuple[_Stream, RequestOutput | BaseException]] = []
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Add):
+                deliveries.append((command.stream, EngineShutdownError("the engine stopped")))
+            elif isinstance(command, _Stop):
+                command.done.set()
+        self._deliver(deliveries)
 
     def _apply(self, engine: LLMEngine, commands: list[_Command], tracked: dict[str, _Stream]) -> None:
         deliveries: list[tuple[_Stream, RequestOutput | BaseException]] = []
@@ -369,6 +389,6 @@ def _private_copy(tokenizer: Any) -> Any:
     """A tokenizer of the server's own, so request tokenization never shares Rust state with the engine thread."""
     try:
         return copy.deepcopy(tokenizer)
-    except Exception:
+    except (TypeError, copy.Error):
         logger.warning("tokenizer cannot be copied; sharing the engine's")
         return tokenizer

@@ -1,0 +1,380 @@
+"""Fused MoE: routing, alignment, both GEMM paths (bf16/fp32/fp8) vs the PyTorch reference, and the FusedMoE layer.
+
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set before triton is imported), so shapes stay
+small; tile configs are forced where a case must cover several N tiles, a ragged K, or multi-chunk experts.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from swiftlm.kernels import fused_moe as fm  # noqa: E402
+from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
+from swiftlm.layers.moe import FusedMoE  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (fm.HAS_TRITON and (CUDA or fm.TRITON_INTERPRETED)),
+                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SMALL = MoeTileConfig(16, 16, 32)  # several N tiles and a ragged K on the test shapes
+
+
+def experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, seed: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / math.sqrt(hidden)
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / math.sqrt(inter)
+    return w13.to(DEVICE, dtype), w2.to(DEVICE, dtype)
+
+
+def routing(tokens: int, num_experts: int, top_k: int, seed: int = 0, hot: list[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random softmax top-k routing; `hot` experts get a large logit bonus so the others stay empty."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    if hot:
+        logits[:, hot] += 20.0
+    weights, ids = fm.route_ref(logits.to(DEVICE), top_k, renormalize=True)
+    return weights, ids
+
+
+def activations(tokens: int, hidden: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+# ---- routing -------------------------------------------------------------------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("tokens,num_experts,top_k,renorm", [(1, 8, 2, True), (5, 16, 4, False), (70, 128, 8, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_matches_reference(tokens: int, num_experts: int, top_k: int, renorm: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    # Distinct values, exact in bf16 (k / 16, k < 256), so the top-k set has no ties to break differently.
+    ranks = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(tokens)])
+    logits = (ranks.float() / 16).to(DEVICE, dtype)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=DEVICE)
+    weights, ids = fm.route(logits, top_k, renorm, expert_counts=counts)
+    ref_w, ref_ids = fm.route_ref(logits, top_k, renorm)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, atol=1e-6, rtol=1e-5)
+    assert bool((weights[:, :-1] >= weights[:, 1:]).all())
+    if renorm:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(tokens, device=DEVICE))
+    assert torch.equal(counts, torch.bincount(ids.flatten().long(), minlength=num_experts))
+    fm.route(logits, top_k, renorm, expert_counts=counts)
+    assert counts.sum() == 2 * tokens * top_k  # accumulates across calls
+
+
+@needs_kernels
+def test_route_ties_go_to_lower_expert_ids() -> None:
+    weights, ids = fm.route(torch.zeros(3, 8, device=DEVICE), 3, True)
+    assert ids.tolist() == [[0, 1, 2]] * 3
+    torch.testing.assert_close(weights, torch.full((3, 3), 1 / 3, device=DEVICE))
+
+
+def test_route_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        fm.route(torch.zeros(2, 4), 5, True)
+    with pytest.raises(ValueError, match="expert_counts"):
+        fm.route(torch.zeros(2, 4), 2, True, expert_counts=torch.zeros(4, dtype=torch.int32))
+
+
+# ---- alignment -----------------------------------------------------------------------------------------------
+
+def _align_oracle(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[list[int], list[int], int]:
+    """Plain-Python version: each expert's pairs in pair order, padded with T*k up to a multiple of block_m."""
+    flat = ids.flatten().tolist()
+    pad = len(flat)
+    sorted_ids, block_experts = [], []
+    for e in range(num_experts):
+        pairs = [i for i, x in enumerate(flat) if x == e]
+        if not pairs:
+            continue
+        padded = -(-len(pairs) // block_m) * block_m
+        sorted_ids += pairs + [pad] * (padded - len(pairs))
+        block_experts += [e] * (padded // block_m)
+    return sorted_ids, block_experts, len(sorted_ids)
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k,block_m,hot", [
+    (1, 16, 2, 16, None), (3, 8, 2, 4, None), (17, 16, 4, 16, None), (64, 8, 2, 16, [2, 5]), (70, 16, 4, 64, None)])
+def test_align_tokens_exact(tokens: int, num_experts: int, top_k: int, block_m: int, hot: list[int] | None) -> None:
+    _, ids = routing(tokens, num_experts, top_k, seed=tokens, hot=hot)
+    sorted_ids, expert_ids, post_pad = fm.align_tokens(ids, num_experts, block_m)
+    want_sorted, want_experts, want_len = _align_oracle(ids.cpu(), num_experts, block_m)
+    capacity = fm.max_padded_pairs(tokens * top_k, num_experts, block_m)
+    assert sorted_ids.shape == (capacity,) and expert_ids.shape == (capacity // block_m,)
+    assert sorted_ids.dtype == expert_ids.dtype == post_pad.dtype == torch.int32
+    assert post_pad.tolist() == [want_len]
+    assert sorted_ids[:want_len].tolist() == want_sorted
+    assert bool((sorted_ids[want_len:] == tokens * top_k).all())
+    n_used = want_len // block_m
+    assert expert_ids[:n_used].tolist() == want_experts
+    assert bool((expert_ids[n_used:] == -1).all())
+
+
+# ---- fused MoE vs reference ----------------------------------------------------------------------------------
+
+CASES = [
+    # tokens, experts, top_k, hidden, inter, hot experts, configs (None = heuristic)
+    pytest.param(1, 16, 2, 64, 32, None, None, id="T1-E16-most-empty"),
+    pytest.param(2, 8, 4, 64, 32, None, None, id="T2-E8-k4"),
+    pytest.param(3, 16, 2, 48, 24, None, (SMALL, SMALL), id="T3-ragged-K-N"),
+    pytest.param(17, 8, 2, 64, 32, None, None, id="T17"),
+    pytest.param(16, 16, 4, 64, 32, None, None, id="T16-k4-64-pairs"),
+    pytest.param(32, 8, 2, 32, 16, [3, 6], (SMALL, SMALL), id="T32-two-hot-experts"),
+]
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter,hot,configs", CASES)
+def test_low_latency_matches_reference(tokens, num_experts, top_k, hidden, inter, hot, configs, dtype) -> None:
+    w13, w2 = experts(num_experts, hidden, inter, dtype)
+    weights, ids = routing(tokens, num_experts, top_k, hot=hot)
+    x = activations(tokens, hidden, dtype)
+    out = fm.fused_moe(x, w13, w2, weights, ids, path="low_latency", configs=configs)
+    _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
+
+
+GROUPED_CASES = CASES[:3] + [
+    pytest.param(17, 8, 2, 64, 32, None, (MoeTileConfig(32, 32, 32), MoeTileConfig(32, 64, 32)), id="T17-bm32"),
+    pytest.param(70, 16, 4, 64, 32, None, None, id="T70-k4"),
+    pytest.param(66, 8, 2, 48, 24, [1, 4], (MoeTileConfig(64, 16, 32, group_m=4),) * 2, id="T66-hot-bm64-ragged"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter,hot,configs", GROUPED_CASES)
+def test_grouped_matches_reference(tokens, num_experts, top_k, hidden, inter, hot, configs, dtype) -> None:
+    w13, w2 = experts(num_experts, hidden, inter, dtype)
+    weights, ids = routing(tokens, num_experts, top_k, hot=hot)
+    x = activations(tokens, hidden, dtype)
+    out = fm.fused_moe(x, w13, w2, weights, ids, path="grouped", configs=configs)
+    _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
+
+
+@needs_kernels
+def test_expert_with_more_tokens_than_a_block_runs_in_chunks() -> None:
+    """All 40 tokens on experts 0 and 1: the low-latency leader loops over three 16-row chunks."""
+    tokens, num_experts = 40, 8
+    w13, w2 = experts(num_experts, 32, 16, torch.float32)
+    ids = torch.tensor([[0, 1] if t % 2 else [1, 0] for t in range(tokens)], dtype=torch.int32, device=DEVICE)
+    weights = torch.rand(tokens, 2, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    x = activations(tokens, 32, torch.float32)
+    out = fm.fused_moe(x, w13, w2, weights, ids, path="low_latency")
+    _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.float32)
+
+
+@needs_kernels
+def test_ref_matches_per_expert_loop() -> None:
+    """The reference itself against the textbook formula sum_j w_j * down(silu(gate x) * up x)."""
+    w13, w2 = experts(4, 16, 8, torch.float32)
+    weights, ids = routing(5, 4, 2)
+    x = activations(5, 16, torch.float32)
+    want = torch.zeros(5, 16, device=DEVICE)
+    for t in range(5):
+        for j in range(2):
+            e = int(ids[t, j])
+            gate, up = w13[e, :8] @ x[t], w13[e, 8:] @ x[t]
+            want[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(fm.fused_moe_ref(x, w13, w2, weights, ids), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_auto_path_dispatch_by_pair_count(monkeypatch) -> None:
+    """Up to LOW_LATENCY_MAX_PAIRS pairs nothing is sorted (low-latency path); one pair more aligns."""
+    calls: list[int] = []
+    align = fm.align_tokens
+    monkeypatch.setattr(fm, "align_tokens", lambda ids, e, bm: calls.append(bm) or align(ids, e, bm))
+    w13, w2 = experts(8, 32, 16, torch.float32)
+    for tokens, aligned in ((fm.LOW_LATENCY_MAX_PAIRS // 2, False), (fm.LOW_LATENCY_MAX_PAIRS // 2 + 1, True)):
+        calls.clear()
+        weights, ids = routing(tokens, 8, 2)
+        x = activations(tokens, 32, torch.float32)
+        out = fm.fused_moe(x, w13, w2, weights, ids)
+        _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.float32)
+        assert bool(calls) == aligned
+
+
+@needs_kernels
+def test_bad_inputs_and_empty_batch() -> None:
+    w13, w2 = experts(4, 16, 8, torch.float32)
+    weights, ids = routing(40, 4, 2)
+    x = activations(40, 16, torch.float32)
+    with pytest.raises(ValueError, match="low-latency"):
+        fm.fused_moe(x, w13, w2, weights, ids, path="low_latency")
+    with pytest.raises(ValueError, match="block_m"):
+        fm.fused_moe(x, w13, w2, weights, ids, path="grouped",
+                     configs=(MoeTileConfig(16, 16, 16), MoeTileConfig(32, 16, 16)))
+    with pytest.raises(ValueError, match="w2"):
+        fm.fused_moe(x, w13, w2[:, :8], weights, ids)
+    empty = fm.fused_moe(x[:0], w13, w2, weights[:0], ids[:0])
+    assert empty.shape == (0, 16)
+
+
+# ---- FP8 PTPC ------------------------------------------------------------------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("path,tokens", [("low_latency", 3), ("grouped", 3), ("grouped", 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_matches_reference(path: str, tokens: int, dtype: torch.dtype) -> None:
+    from swiftlm.kernels.quant import quantize_weight_fp8_ref
+
+    w13, w2 = experts(8, 64, 32, dtype)
+    q13, s13 = quantize_weight_fp8_ref(w13)
+    q2, s2 = quantize_weight_fp8_ref(w2)
+    assert q13.dtype == torch.float8_e4m3fn and s13.shape == (8, 64, 1) and s2.shape == (8, 64, 1)
+    weights, ids = routing(tokens, 8, 2)
+    x = activations(tokens, 64, dtype)
+    out = fm.fused_moe(x, q13, q2, weights, ids, s13, s2, path=path)
+    ref = fm.fused_moe_ref(x, q13, q2, weights, ids, s13, s2)
+    # Same math as the reference; bf16 can flip an fp8 rounding of the intermediate, hence the looser bound.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    exact = fm.fused_moe_ref(x, w13, w2, weights, ids).float()
+    assert (ref.float() - exact).norm() / exact.norm() < 0.06  # fp8 quantization error stays small
+
+
+def test_fp8_needs_scales() -> None:
+    w13, w2 = experts(4, 16, 8, torch.float32)
+    weights, ids = routing(2, 4, 2)
+    with pytest.raises(ValueError, match="scale"):
+        fm.fused_moe(activations(2, 16, torch.float32), w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn),
+                     weights, ids)
+
+
+# ---- FusedMoE layer ------------------------------------------------------------------------------------------
+
+def _checkpoint_experts(num_experts: int, hidden: int, inter: int) -> dict[tuple[int, str], torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    return {(e, s): torch.randn(*shape, generator=gen) / math.sqrt(shape[1])
+            for e in range(num_experts) for s, shape in shapes.items()}
+
+
+def _load(layer: FusedMoE, tensors: dict[tuple[int, str], torch.Tensor]) -> None:
+    for (expert, shard), t in tensors.items():
+        param = layer.w2_weight if shard == "down" else layer.w13_weight
+        param.weight_loader(param, t.to(DEVICE), expert, shard)
+
+
+def test_loader_places_gate_up_down() -> None:
+    layer = FusedMoE(4, 2, 16, 8, torch.float32).to(DEVICE)
+    tensors = _checkpoint_experts(4, 16, 8)
+    _load(layer, tensors)
+    for e in range(4):
+        assert torch.equal(layer.w13_weight[e, :8].cpu(), tensors[e, "gate"])
+        assert torch.equal(layer.w13_weight[e, 8:].cpu(), tensors[e, "up"])
+        assert torch.equal(layer.w2_weight[e].cpu(), tensors[e, "down"])
+    with pytest.raises(ValueError, match="expected"):
+        layer.weight_loader(layer.w13_weight, torch.zeros(16, 8), 0, "gate")
+    with pytest.raises(ValueError, match="belongs to w2_weight"):
+        layer.weight_loader(layer.w13_weight, torch.zeros(16, 8), 0, "down")
+    with pytest.raises(ValueError, match="shard"):
+        layer.weight_loader(layer.w13_weight, torch.zeros(8, 16), 0, "gate_up")
+    with pytest.raises(ValueError, match="out of range"):
+        layer.weight_loader(layer.w13_weight, torch.zeros(8, 16), 4, "up")
+
+
+def test_loader_takes_this_ranks_intermediate_slice() -> None:
+    layer = FusedMoE(2, 1, 16, 8, torch.float32, tp_rank=1, tp_size=2)
+    tensors = _checkpoint_experts(2, 16, 8)
+    _load(layer, {k: v.cpu() for k, v in tensors.items()})
+    assert layer.w13_weight.shape == (2, 8, 16) and layer.w2_weight.shape == (2, 16, 4)
+    assert torch.equal(layer.w13_weight[1, :4], tensors[1, "gate"][4:])
+    assert torch.equal(layer.w13_weight[1, 4:], tensors[1, "up"][4:])
+    assert torch.equal(layer.w2_weight[1], tensors[1, "down"][:, 4:])
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_layer_forward_and_expert_stats(tokens: int) -> None:
+    """Loaded from per-expert tensors, the layer equals the HF-style loop over those tensors."""
+    layer = FusedMoE(8, 2, 32, 16, torch.float32).to(DEVICE)
+    tensors = _checkpoint_experts(8, 32, 16)
+    _load(layer, tensors)
+    layer.enable_expert_stats()
+    x = activations(tokens, 32, torch.float32)
+    logits = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out = layer(x, logits)
+    probs = torch.softmax(logits.cpu(), -1)
+    top_w, top_i = torch.topk(probs, 2, -1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    want = torch.zeros(tokens, 32)
+    for t in range(tokens):
+        for j in range(2):
+            e = int(top_i[t, j])
+            h = torch.nn.functional.silu(tensors[e, "gate"] @ x[t].cpu()) * (tensors[e, "up"] @ x[t].cpu())
+            want[t] += top_w[t, j] * (tensors[e, "down"] @ h)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
+    layer(x, logits)
+    assert torch.equal(layer.expert_counts.cpu(), 2 * torch.bincount(top_i.flatten(), minlength=8))
+    layer.reset_expert_stats()
+    assert layer.expert_counts.sum() == 0
+
+
+@needs_kernels
+def test_layer_online_fp8() -> None:
+    layer = FusedMoE(8, 2, 64, 32, torch.bfloat16, quant="fp8").to(DEVICE)
+    _load(layer, _checkpoint_experts(8, 64, 32))
+    x = activations(4, 64, torch.bfloat16)
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    exact = layer(x, logits).float()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.w13_weight.dtype == layer.w2_weight.dtype == torch.float8_e4m3fn
+    assert layer.w13_scale.shape == (8, 64, 1) and layer.w2_scale.shape == (8, 64, 1)
+    out = layer(x, logits).float()
+    assert (out - exact).norm() / exact.norm() < 0.06
+    with pytest.raises(ValueError, match="unsupported MoE quantization"):
+        FusedMoE(2, 1, 16, 8, torch.float32, quant="awq")
+
+
+# ---- GPU only ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [4, 48])
+def test_cuda_graph_replay_without_host_sync(tokens: int) -> None:
+    """Both paths capture in a CUDA graph (no syncs: sync debug mode errors on one) and replay on new routing."""
+    w13, w2 = experts(16, 256, 128, torch.bfloat16)
+    x = activations(tokens, 256, torch.bfloat16)
+    logits = torch.randn(tokens, 16, device=DEVICE)
+    counts = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+
+    def step() -> torch.Tensor:
+        weights, ids = fm.route(logits, 4, True, counts)
+        return fm.fused_moe(x, w13, w2, weights, ids)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    counts.zero_()
+    for seed in range(3):
+        logits.copy_(torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+        graph.replay()
+        weights, ids = fm.route_ref(logits, 4, True)
+        _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.bfloat16)
+    assert counts.sum() == 3 * tokens * 4
