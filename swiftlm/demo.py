@@ -20,7 +20,7 @@ from swiftlm.testing import DEMO_ENDOFTEXT_ID, DEMO_IM_END_ID, DEMO_VOCAB_SIZE, 
 DEMO_NAME = "demo-v1"
 SEED = 20240601
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = DEMO_VOCAB_SIZE - 3, DEMO_VOCAB_SIZE - 2, DEMO_VOCAB_SIZE - 1
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = DEMO_ENDOFTEXT_ID, DEMO_ENDOFTEXT_ID + 1, DEMO_IM_END_ID
 
 # The pre-tokenizer split Qwen2/Qwen3 use: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines and whitespace. No NFC normaliser (unlike Qwen), so any UTF-8 text round-trips.

@@ -28,11 +28,11 @@ ARCHITECTURES: dict[str, str] = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
-# Kept in sync with swiftlm.demo (asserted there when the demo tokenizer is built) so that tiny configs share the
-# demo tokenizer's vocabulary without importing it.
+# The demo tokenizer's size and special ids (checked when swiftlm.demo builds it), here so tiny configs can share
+# its vocabulary without building it. The special tokens come last, as in Qwen's vocabularies.
 DEMO_VOCAB_SIZE = 1024
-DEMO_ENDOFTEXT_ID = 1021
-DEMO_IM_END_ID = 1023
+DEMO_ENDOFTEXT_ID = DEMO_VOCAB_SIZE - 3
+DEMO_IM_END_ID = DEMO_VOCAB_SIZE - 1
 
 _COMMON = {
     "vocab_size": DEMO_VOCAB_SIZE,
@@ -70,13 +70,17 @@ def tiny_config(arch: str, **overrides: Any) -> dict[str, Any]:
     """A complete, hub-style config.json dict for a tiny model of `arch` ("qwen3", "qwen2", "qwen3_moe").
 
     The vocabulary matches the demo tokenizer, so `make_random_checkpoint(tiny_config(...), d)` yields a model
-    that can be prompted with text.
+    that can be prompted with text. A smaller `vocab_size` override drops the demo's bos/eos ids, which would
+    otherwise point past the embedding table.
     """
     if arch not in _TINY:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_TINY)}")
     cfg: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, **_COMMON, **_TINY[arch]}
     cfg.update(overrides)
     cfg.setdefault("max_window_layers", cfg["num_hidden_layers"])
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in overrides and cfg[key] >= cfg["vocab_size"]:
+            cfg[key] = None
     return cfg
 
 
@@ -225,6 +229,8 @@ def _complete_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     from transformers import AutoConfig
 
     hf = AutoConfig.for_model(**cfg)
+    if cfg["model_type"] == "qwen3_moe" and hf.num_experts_per_tok > hf.num_experts:
+        raise ValueError(f"num_experts_per_tok ({hf.num_experts_per_tok}) exceeds num_experts ({hf.num_experts})")
     out = dict(cfg)
     keys = _FILLED + (_FILLED_QWEN3 if cfg["model_type"] != "qwen2" else ()) + (
         _FILLED_MOE if cfg["model_type"] == "qwen3_moe" else ())
@@ -293,30 +299,30 @@ def make_random_checkpoint(config: str | dict[str, Any], out_dir: str, *, dtype:
         cfg["model_type"] = matches[0]
     if cfg["model_type"] not in ARCHITECTURES:
         raise ValueError(f"unsupported model_type {cfg['model_type']!r}; expected one of {sorted(ARCHITECTURES)}")
+    if cfg.get("quantization_config"):
+        raise ValueError("random checkpoints are unquantized; pass overrides={'quantization_config': None} for an "
+                         "unquantized model of the same shape")
+    cfg.pop("quantization_config", None)
     cfg["architectures"] = [ARCHITECTURES[cfg["model_type"]]]
     cfg["torch_dtype"] = dtype
+    cfg, hf_config = _complete_config(cfg)
+    _check_param_count(hf_config, cfg)
 
     tok_dir = tokenizer_from
     if tok_dir is None:
-        from swiftlm.demo import demo_model_path
+        from swiftlm.demo import demo_model_path  # not at module level: demo imports this module's writer
 
-        tok_dir = demo_model_path()
-        tok_vocab = _tokenizer_vocab_size(tok_dir)
-        if tok_vocab is not None and tok_vocab > cfg.get("vocab_size", tok_vocab):
-            tok_dir = None
-        else:
-            pinned = overrides or {}
+        demo_dir = demo_model_path()
+        if (_tokenizer_vocab_size(demo_dir) or 0) <= cfg["vocab_size"]:
+            tok_dir = demo_dir
             for key, value in (("bos_token_id", DEMO_ENDOFTEXT_ID), ("eos_token_id", DEMO_IM_END_ID)):
-                if key not in pinned:
+                if key not in (overrides or {}):
                     cfg[key] = value
     else:
         tok_vocab = _tokenizer_vocab_size(tok_dir)
-        if tok_vocab is not None and "vocab_size" in cfg and tok_vocab > cfg["vocab_size"]:
+        if tok_vocab is not None and tok_vocab > cfg["vocab_size"]:
             raise ValueError(f"tokenizer in {tok_dir} has {tok_vocab} tokens but the model's vocab_size is "
                              f"{cfg['vocab_size']}")
-
-    cfg, hf_config = _complete_config(cfg)
-    _check_param_count(hf_config, cfg)
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

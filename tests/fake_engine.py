@@ -41,7 +41,6 @@ class _Req:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: float
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -64,7 +63,6 @@ class FakeEngine:
         self.steps = 0
         self._waiting: deque[_Req] = deque()
         self._running: list[_Req] = []
-        self._preemptions = 0
         self._prompt_total = 0
         self._gen_total = 0
         self._printable = [i for i in range(3, len(self.tokenizer))
@@ -80,7 +78,7 @@ class FakeEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         rng = None if params.greedy else random.Random(params.seed) if params.seed is not None else random.Random()
-        self._waiting.append(_Req(request_id, ids, params, arrival_time or time.monotonic(), rng=rng))
+        self._waiting.append(_Req(request_id, ids, params, rng=rng))
 
     def abort_request(self, request_id: str) -> None:
         self._waiting = deque(r for r in self._waiting if r.request_id != request_id)
@@ -148,5 +146,5 @@ class FakeEngine:
     def get_stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._running), num_waiting=len(self._waiting),
                            num_free_blocks=self.num_blocks - self._used_blocks(), num_total_blocks=self.num_blocks,
-                           num_preemptions=self._preemptions, prompt_tokens_total=self._prompt_total,
+                           num_preemptions=0, prompt_tokens_total=self._prompt_total,
                            generation_tokens_total=self._gen_total)

@@ -194,8 +194,23 @@ def test_random_checkpoint_tokenizer_choice(demo_dir: str, tmp_path: Path, monke
         assert json.load(f)["eos_token_id"] == demo.IM_END_ID
     small = make_random_checkpoint(tiny_config("qwen2", vocab_size=512), str(tmp_path / "small"))
     assert "tokenizer.json" not in os.listdir(small) and "config.json" in os.listdir(small)
+    with open(os.path.join(small, "config.json")) as f:
+        assert json.load(f)["eos_token_id"] is None
     with pytest.raises(ValueError, match="vocab_size"):
         make_random_checkpoint(tiny_config("qwen2", vocab_size=512), str(tmp_path / "bad"), tokenizer_from=demo_dir)
+
+
+def test_invalid_configs_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown arch"):
+        tiny_config("llama")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        make_random_checkpoint(tiny_config("qwen3_moe", num_experts_per_tok=9), str(tmp_path / "moe"))
+    quantized = tiny_config("qwen3", quantization_config={"quant_method": "awq", "bits": 4})
+    with pytest.raises(ValueError, match="unquantized"):
+        make_random_checkpoint(quantized, str(tmp_path / "q"))
+    with pytest.raises(ValueError, match="dtype"):
+        make_random_checkpoint(tiny_config("qwen3"), str(tmp_path / "d"), dtype="int8")
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "q").exists()
 
 
 def test_layout_matches_transformers_for_large_configs() -> None:

@@ -172,11 +172,11 @@ def test_grouped_matches_reference(tokens, num_experts, top_k, hidden, inter, ho
 
 @needs_kernels
 def test_expert_with_more_tokens_than_a_block_runs_in_chunks() -> None:
-    """All 40 tokens on experts 0 and 1: the low-latency leader loops over three 16-row chunks."""
-    tokens, num_experts = 40, 8
+    """Top-1 routing with 40 tokens on expert 2 and 8 on expert 5: expert 2's leader loops over 16+16+8 rows."""
+    tokens, num_experts = 48, 8
     w13, w2 = experts(num_experts, 32, 16, torch.float32)
-    ids = torch.tensor([[0, 1] if t % 2 else [1, 0] for t in range(tokens)], dtype=torch.int32, device=DEVICE)
-    weights = torch.rand(tokens, 2, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = torch.tensor([[5] if t % 6 == 0 else [2] for t in range(tokens)], dtype=torch.int32, device=DEVICE)
+    weights = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     x = activations(tokens, 32, torch.float32)
     out = fm.fused_moe(x, w13, w2, weights, ids, path="low_latency")
     _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.float32)
@@ -249,7 +249,7 @@ def test_fp8_matches_reference(path: str, tokens: int, dtype: torch.dtype) -> No
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
     exact = fm.fused_moe_ref(x, w13, w2, weights, ids).float()
-    assert (ref.float() - exact).norm() / exact.norm() < 0.06  # fp8 quantization error stays small
+    assert (ref.float() - exact).norm() / exact.norm() < 0.1  # e4m3 (3 mantissa bits) on both GEMMs
 
 
 def test_fp8_needs_scales() -> None:
@@ -340,7 +340,7 @@ def test_layer_online_fp8() -> None:
     assert layer.w13_weight.dtype == layer.w2_weight.dtype == torch.float8_e4m3fn
     assert layer.w13_scale.shape == (8, 64, 1) and layer.w2_scale.shape == (8, 64, 1)
     out = layer(x, logits).float()
-    assert (out - exact).norm() / exact.norm() < 0.06
+    assert (out - exact).norm() / exact.norm() < 0.1
     with pytest.raises(ValueError, match="unsupported MoE quantization"):
         FusedMoE(2, 1, 16, 8, torch.float32, quant="awq")
 

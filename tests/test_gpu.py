@@ -39,9 +39,9 @@ def test_bf16_logits_and_greedy_close_to_transformers(checkpoint) -> None:
     from transformers import AutoModelForCausalLM
 
     from swiftlm.engine.llm import LLM
+    llm = LLM(checkpoint, gpu_memory_utilization=0.3)
     ref32 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
     ref16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(checkpoint, gpu_memory_utilization=0.3)
     recorder = LogitRecorder(llm.engine.model_runner.sampler)
     llm.engine.model_runner.sampler = recorder
     outs = llm.generate(_prompts(), SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)

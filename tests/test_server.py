@@ -443,7 +443,7 @@ def test_auth(guarded: LiveServer) -> None:
 def test_overload_returns_503_with_retry_after_then_recovers(guarded: LiveServer) -> None:
     _wait_idle(guarded)
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 24, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 32, "ignore_eos": True}
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=guarded.url, headers=headers, timeout=120) as client:
@@ -455,7 +455,7 @@ def test_overload_returns_503_with_retry_after_then_recovers(guarded: LiveServer
     assert len(ok) + len(rejected) == 12
     # At most max_waiting=2 queue behind the one running sequence (the first may still count as waiting).
     assert len(ok) >= 2 and rejected, [r.status_code for r in responses]
-    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in ok)
+    assert all(r.json()["usage"]["completion_tokens"] == 32 for r in ok)
     for r in rejected:
         assert int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["code"] == "overloaded"

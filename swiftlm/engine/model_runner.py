@@ -138,8 +138,12 @@ class ModelRunner:
             self.device) - GRAPH_RESERVE_BYTES
         blocks = int(budget // self.kv_block_bytes())
         if blocks < 2:
-            raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
-                             "raise --gpu-memory-utilization or lower --max-num-batched-tokens")
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {self.config.gpu_memory_utilization:.2f} x "
+                f"{total / 2**30:.1f} GiB, minus {used_by_others / 2**30:.2f} GiB used outside this engine's "
+                f"allocator and {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB peak for weights and "
+                f"activations, leaves {budget / 2**30:.2f} GiB; raise --gpu-memory-utilization or lower "
+                "--max-num-batched-tokens")
         return blocks
 
     def _profile_run(self) -> None:

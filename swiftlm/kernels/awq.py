@@ -94,7 +94,7 @@ if HAS_TRITON:
     def _unpack_shifts(offs_n):
         """Bit shift of column n inside its int32: 4 * AWQ_REVERSE_ORDER[n % 8] = 4 * (j // 2 + 4 * (j % 2))."""
         j = offs_n % 8
-        return ((j // 2) * 2 + (j % 2)) * 4
+        return ((j // 2) + (j % 2) * 4) * 4
 
     @triton.jit
     def _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, group, offs_n, shifts, mask_k, mask_n, N):

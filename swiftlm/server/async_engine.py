@@ -88,7 +88,8 @@ class AsyncEngine:
                  retry_after: int = 1) -> None:
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        self._factory: Callable[[], LLMEngine] | None = None if hasattr(engine, "step") else engine
+        is_engine = hasattr(engine, "step") and not isinstance(engine, type)
+        self._factory: Callable[[], LLMEngine] | None = None if is_engine else engine
         self._engine: LLMEngine | None = engine if self._factory is None else None
         self.max_waiting = max_waiting
         self.retry_after = retry_after
@@ -169,7 +170,8 @@ class AsyncEngine:
 
     def _submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> _Stream:
         if not self.accepting:
-            raise EngineShutdownError("the server is not accepting requests (shutting down or not started)")
+            raise EngineShutdownError("the server is shutting down" if not self._accepting or self._stopped
+                                      else "the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         with self._lock:

@@ -110,6 +110,7 @@ class _SamplingRequest(_Strict):
         return self.max_tokens
 
     def requested_logprobs(self) -> int | None:
+        """SamplingParams.logprobs for this request; chat and completions spell it differently."""
         raise NotImplementedError
 
     def include_usage(self) -> bool:
