@@ -8,9 +8,11 @@ Qwen3-235B-A22B: H=4096, I=1536). For T = 1, 8, 16, 64, 512 tokens, bf16 and FP8
   * a PyTorch loop over the active experts (bf16 F.linear per expert, as HF runs it), eager;
   * achieved bandwidth = bytes of the active experts' weights / graph time (vs --peak-gbps, 3000 for H100 SXM)
     and TFLOP/s = 2 * T * k * 3 * H * I / time.
-`--sweep` also times tile variants per GEMM and prints the best, to retune the heuristics in fused_moe.py.
+`--sweep` also times tile variants per GEMM and prints the best, to retune the heuristics in fused_moe.py
+(about 30 compiles per token count and dtype: sweep a few token counts per run).
 
-    PYTHONPATH=$PWD python benchmarks/bench_moe.py [--config PATH] [--tokens 1 8 64 512] [--json PATH] [--sweep]
+    PYTHONPATH=$PWD python benchmarks/bench_moe.py [--config PATH] [--tokens 1 8 64 512] [--json PATH]
+    PYTHONPATH=$PWD python benchmarks/bench_moe.py --sweep --tokens 1 8 --dtypes bf16
 """
 from __future__ import annotations
 
@@ -139,7 +141,8 @@ def check(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     return rows
 
 
-def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: float, gen: torch.Generator) -> list[dict]:
+def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: float,
+          gen: torch.Generator) -> list[dict]:
     e, k, h, i = shapes["num_experts"], shapes["top_k"], shapes["hidden"], shapes["inter"]
     renorm = shapes["renormalize"]
     x = torch.randn(tokens, h, device=DEVICE, generator=gen).to(torch.bfloat16)
@@ -148,7 +151,9 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
     weight_bytes = active * experts.bytes_per_expert(dtype)
     flops = 2 * tokens * k * 3 * h * i
     w13, w2, s13, s2 = experts.args(dtype)
-    baseline = eager_ms(lambda: torch_loop(x, experts.w13, experts.w2, routings[0], k, renorm)) if dtype == "bf16" else None
+    baseline = None
+    if dtype == "bf16":
+        baseline = eager_ms(lambda: torch_loop(x, experts.w13, experts.w2, routings[0], k, renorm))
 
     def layer(logits: torch.Tensor, path: str) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -183,19 +188,22 @@ def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     rows = []
     for path in paths_for(pairs):
         if path == "low_latency":
-            base = (fm.low_latency_config(pairs, e, i, h, True, w13.dtype), fm.low_latency_config(pairs, e, h, i, False, w2.dtype))
-            variants = [MoeTileConfig(16, bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256)
+            base = (fm.low_latency_config(pairs, e, i, h, True, w13.dtype),
+                    fm.low_latency_config(pairs, e, h, i, False, w2.dtype))
+            variants = [MoeTileConfig(16, bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (128, 256)
                         for st in (3, 4)]
         else:
-            base = (fm.grouped_config(pairs, e, i, h, True, w13.dtype), fm.grouped_config(pairs, e, h, i, False, w2.dtype))
+            base = (fm.grouped_config(pairs, e, i, h, True, w13.dtype),
+                    fm.grouped_config(pairs, e, h, i, False, w2.dtype))
             bm = base[0].block_m
-            variants = [MoeTileConfig(bm, bn, bk, w, st, g) for bn in (64, 128) for bk in (64, 128)
-                        for w, st in ((4, 3), (4, 4), (8, 3)) for g in (1, 8)]
+            variants = [MoeTileConfig(bm, bn, bk, w, st, 8) for bn in (64, 128) for bk in (64, 128)
+                        for w, st in ((4, 3), (4, 4), (8, 3))]
         for gemm in (0, 1):
             results = []
             for cfg in variants:
                 configs = (cfg, base[1]) if gemm == 0 else (base[0], cfg)
-                calls = [lambda w=w_, d=d_, c=configs: fm.fused_moe(x, w13, w2, w, d, s13, s2, path=path, configs=c)
+                calls = [lambda w=w_, d=d_, c=configs, p=path: fm.fused_moe(x, w13, w2, w, d, s13, s2, path=p,
+                                                                             configs=c)
                          for w_, d_ in routed]
                 try:
                     ms = graph_ms(calls, reps=10)
@@ -213,18 +221,18 @@ def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     return rows
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.1f}"
 
 
 def print_table(rows: list[dict], checks: list[dict], peak_gbps: float) -> None:
-    print(f"\n{'dtype':5} {'T':>4} {'pairs':>5} {'path':11} {'act.E':>5} {'graph us':>9} {'eager us':>9} "
+    print(f"\n{'dtype':5} {'T':>4} {'pairs':>5} {'path':12} {'act.E':>5} {'graph us':>9} {'eager us':>9} "
           f"{'loop us':>9} {'speedup':>7} {'GB/s':>6} {'%peak':>5} {'TFLOP/s':>7}")
     for r in rows:
         mark = "*" if r["auto"] else " "
-        print(f"{r['dtype']:5} {r['tokens']:>4} {r['pairs']:>5} {r['path']:10}{mark} {r['active_experts']:>5.1f} "
-              f"{r['graph_us']:>9.1f} {r['eager_us']:>9.1f} {fmt(r['torch_loop_us'], '>9.1f')} "
-              f"{fmt(r['speedup_vs_loop'], '>6.1f')}x {r['weight_gbps']:>6.0f} {100 * r['weight_bw_frac']:>4.0f}% "
+        print(f"{r['dtype']:5} {r['tokens']:>4} {r['pairs']:>5} {r['path']:11}{mark} {r['active_experts']:>5.1f} "
+              f"{r['graph_us']:>9.1f} {r['eager_us']:>9.1f} {fmt(r['torch_loop_us'], 9)} "
+              f"{fmt(r['speedup_vs_loop'], 6)}x {r['weight_gbps']:>6.0f} {100 * r['weight_bw_frac']:>4.0f}% "
               f"{r['tflops']:>7.1f}")
     print(f"(* = path the auto dispatch picks; GB/s = active experts' weight bytes / graph time, peak {peak_gbps:.0f})")
     bad = [c for c in checks if not c["ok"]]
@@ -247,7 +255,8 @@ def main() -> int:
     shapes = moe_shapes(args.config)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     experts = Experts(shapes, gen)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {shapes}", flush=True)
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {shapes}",
+          flush=True)
 
     checks = [c for dtype in args.dtypes for t in args.tokens for c in check(experts, shapes, t, dtype, gen)]
     for c in checks:

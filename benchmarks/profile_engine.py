@@ -1,10 +1,14 @@
-"""Where a step's time goes (GPU kernels vs host work) for batch-1 decode and a 512-token prefill.
+"""Where a step's time goes, for batch-1 decode, a 512-token prefill and the offline throughput workload.
+
+Times engine phases (schedule / model runner / output processing) by wrapping them, and the GPU time of
+one bs=1 decode graph replay with CUDA events, then prints a torch.profiler table per case.
 
     PYTHONPATH=$PWD python benchmarks/profile_engine.py --model benchmarks/models/qwen3-8b
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import torch
@@ -13,23 +17,44 @@ from torch.profiler import ProfilerActivity, profile
 from swiftlm import SamplingParams
 from swiftlm.engine.llm import LLM
 
+PHASES: dict[str, float] = collections.defaultdict(float)
+
+
+def timed(name: str, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            PHASES[name] += time.perf_counter() - t
+    return wrapper
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/qwen3-8b")
+    ap.add_argument("--num-prompts", type=int, default=256)
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_num_seqs=64)
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=256)
     engine, runner = llm.engine, llm.engine.model_runner
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    runner.execute = timed("execute", runner.execute)
+    runner._pack = timed("pack", runner._pack)
+    runner.sampler = timed("sampler", runner.sampler)
+    engine.step = timed("step", engine.step)
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0.0)
-    for _ in range(2):
-        engine.add_request(f"w{_}", torch.randint(1000, 30000, (512,), generator=gen).tolist(), params)
+    greedy = SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0.0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1000, 30000, (n,), generator=gen).tolist()
+
+    for i in range(2):
+        engine.add_request(f"w{i}", ids(512), greedy)
         for _ in range(20):
             engine.step()
-        engine.abort_request(f"w{_}")
+        engine.abort_request(f"w{i}")
         engine.step()
-    # GPU time of one bs=1 decode graph replay vs a whole engine step.
-    engine.add_request("d", torch.randint(1000, 30000, (512,), generator=gen).tolist(), params)
+    engine.add_request("d", ids(512), greedy)
     engine.step()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -38,29 +63,49 @@ def main() -> None:
     end.record()
     torch.cuda.synchronize()
     replay_ms = start.elapsed_time(end) / 100
-    torch.cuda.synchronize()
+    PHASES.clear()
     t = time.perf_counter()
     for _ in range(100):
         engine.step()
     step_ms = (time.perf_counter() - t) * 10
-    print(f"bs=1 decode: graph replay {replay_ms:.3f} ms GPU, engine.step {step_ms:.3f} ms wall")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            engine.step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(f"bs=1 decode: graph replay {replay_ms:.3f} ms GPU; engine.step {step_ms:.3f} ms wall; phases per step (ms): "
+          + ", ".join(f"{k} {v * 10:.3f}" for k, v in PHASES.items()))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.graphs[1].replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
     engine.abort_request("d")
     engine.step()
-    engine.add_request("p", torch.randint(1000, 30000, (512,), generator=gen).tolist(),
-                       SamplingParams(max_tokens=1, ignore_eos=True))
-    torch.cuda.synchronize()
+    for n in (512, 8000):
+        for rep in range(3):
+            engine.add_request(f"p{n}-{rep}", ids(n), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
+            PHASES.clear()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.step()
+            wall = (time.perf_counter() - t) * 1e3
+        print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
+    engine.add_request("p", ids(512), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
         engine.step()
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) * 1e3
-    print(f"prefill 512: step wall {wall:.2f} ms")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
+    PHASES.clear()
+    steps = collections.Counter()
+    orig = engine.scheduler.schedule
+
+    def count(*a, **k):
+        out = orig(*a, **k)
+        steps["decode" if out.decode_only else "mixed"] += 1
+        steps["tokens"] += out.num_tokens
+        return out
+    engine.scheduler.schedule = count
+    t = time.perf_counter()
+    llm.generate([ids(1024) for _ in range(args.num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
+                                                                           temperature=0.0), use_tqdm=False)
+    total = time.perf_counter() - t
+    print(f"throughput run: {total:.2f} s, {args.num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
+          "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
 
 
 if __name__ == "__main__":

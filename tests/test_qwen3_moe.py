@@ -124,7 +124,7 @@ def test_logits_and_expert_stats(hf_model, prompts) -> None:
     assert stats.shape == (3, 8)
     assert stats[1].sum() == 0  # the dense layer
     sparse = [i for i in range(3) if i != 1]
-    router_logits = dict(zip(sparse, hf.router_logits))
+    router_logits = dict(zip(sparse, hf.router_logits, strict=True))
     for layer in sparse:
         hf_ids = torch.topk(router_logits[layer][:fed].float(), 2, dim=-1).indices
         assert torch.equal(stats[layer], torch.bincount(hf_ids.flatten(), minlength=8))
@@ -133,7 +133,7 @@ def test_logits_and_expert_stats(hf_model, prompts) -> None:
 
 
 def test_incomplete_expert_set_is_not_reported_loaded(hf_model) -> None:
-    from swiftlm.loader.checkpoint import load_hf_config, iterate_weights
+    from swiftlm.loader.checkpoint import iterate_weights, load_hf_config
 
     path, _ = hf_model
     model = Qwen3MoeForCausalLM(load_hf_config(path), torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -345,7 +346,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(server: LiveServer) -> None:
             if seen == 2:
                 break
         assert server.engine.stats.num_running == 1
-    _wait_idle(server)
+    _wait_idle(server, timeout=5)
     after = _metrics(server.url)
     assert _sample(after, "vllm:request_success_total", finished_reason="abort") \
         == _sample(before, "vllm:request_success_total", finished_reason="abort") + 1
@@ -357,13 +358,22 @@ def test_stream_disconnect_aborts_and_frees_blocks(server: LiveServer) -> None:
 def test_non_stream_disconnect_aborts(server: LiveServer) -> None:
     _wait_idle(server)
     before = _metrics(server.url)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", timeout=httpx.Timeout(30, read=0.2),
-                   json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": LONG, "ignore_eos": True})
+    body = json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": LONG, "ignore_eos": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n" \
+           f"Content-Length: {len(body)}\r\n\r\n".encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 20
+        while server.engine.stats.num_running != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     _wait_idle(server)
     after = _metrics(server.url)
     assert _sample(after, "vllm:request_success_total", finished_reason="abort") \
         == _sample(before, "vllm:request_success_total", finished_reason="abort") + 1
+    assert _sample(after, "vllm:request_success_total", finished_reason="length") \
+        == _sample(before, "vllm:request_success_total", finished_reason="length")
 
 
 def _fail_next_step(live: LiveServer) -> None:

@@ -82,7 +82,7 @@ def _add_commands(sub: Any) -> None:
                        description="Times a max_tokens=1 generate (prefill) and a full one per iteration; decode "
                                    "per token = (full - prefill) / (output_len - 1). On CUDA, measures HBM bandwidth "
                                    "and bf16 matmul rate on the spot and reports roofline floors.")
-    p.add_argument("--model", required=True, help="model path or hub id")
+    p.add_argument("--model", help="model path or hub id (default: the embedded demo model)")
     p.add_argument("--input-len", type=int, default=8000)
     p.add_argument("--output-len", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=1)
@@ -97,7 +97,7 @@ def _add_commands(sub: Any) -> None:
     p = sub.add_parser("throughput", help="offline max throughput of swiftlm.LLM (all prompts at once)",
                        description="Submits every prompt at once with ignore_eos and reports requests/s, "
                                    "output tok/s, total tok/s.")
-    p.add_argument("--model", required=True, help="model path or hub id")
+    p.add_argument("--model", help="model path or hub id (default: the embedded demo model)")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256, help="max_tokens (JSONL lines may override)")
@@ -192,6 +192,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if any(level.metrics.completed for level in levels_out) else 1
 
 
+def _model_label(model: str | None) -> str:
+    return Path(model).name if model else "demo"
+
+
 def _build_llm(args: argparse.Namespace) -> Any:
     from swiftlm import LLM
     from swiftlm.config import EngineConfig
@@ -211,7 +215,7 @@ def _latency(args: argparse.Namespace) -> int:
     # Measured before the engine claims its KV-cache memory, so the probe buffers always fit.
     peaks = None if args.no_roofline else measure_device_peaks()
     result = run_latency(_build_llm(args), cfg, not args.disable_tqdm, peaks)
-    label = args.label or Path(args.model).name
+    label = args.label or _model_label(args.model)
     key = f"batch={cfg.batch_size},input={cfg.input_len},output={cfg.output_len}"
     results = [{"key": key, "metrics": result.flat(), "prefill_s": result.prefill_s, "full_s": result.full_s,
                 "decode_s_per_token": result.decode_s_per_token, "model_cost": dataclasses.asdict(result.cost),
@@ -236,7 +240,7 @@ def _throughput(args: argparse.Namespace) -> int:
     else:
         requests = throughput_requests(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     result = run_throughput(llm, requests, args.temperature, not args.disable_tqdm)
-    label = args.label or Path(args.model).name
+    label = args.label or _model_label(args.model)
     key = f"prompts={result.num_requests}" + (f",input={args.input_len},output={args.output_len}"
                                               if args.dataset == "random" else f",dataset={args.dataset_path}")
     results = [{"key": key, "metrics": result.flat()}]

@@ -62,11 +62,18 @@ def _hf_config(llm: GeneratesText) -> Any:
                              "engine.model_runner.model.config", "engine.model.config"])
 
 
+def _cfg_value(cfg: Any, key: str) -> Any:
+    """A field of an HF config given either as a dict (swiftlm's engine) or as a PretrainedConfig-like object."""
+    if cfg is None:
+        return None
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
 def vocab_size(llm: GeneratesText) -> int | None:
     """Vocabulary size so random prompt ids stay valid even for tiny test models."""
-    cfg = _hf_config(llm)
-    if cfg is not None and getattr(cfg, "vocab_size", None):
-        return int(cfg.vocab_size)
+    size = _first_attr(llm, ["engine.vocab_size"]) or _cfg_value(_hf_config(llm), "vocab_size")
+    if size:
+        return int(size)
     tok = _first_attr(llm, ["engine.tokenizer"])
     return len(tok) if tok is not None else None
 
@@ -108,10 +115,11 @@ def model_cost(llm: GeneratesText) -> ModelCost:
     dense = sum(p.numel() for _, p in params) - embed_params - sum(p.numel() for p in head)
     untied = sum(p.numel() * p.element_size() for p in embed) if head else 0
     cfg = _hf_config(llm)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads and cfg is not None else None)
+    layers = _cfg_value(cfg, "num_hidden_layers")
+    heads = _cfg_value(cfg, "num_attention_heads")
+    kv_heads = _cfg_value(cfg, "num_key_value_heads") or heads
+    hidden = _cfg_value(cfg, "hidden_size")
+    head_dim = _cfg_value(cfg, "head_dim") or (hidden // heads if heads and hidden else None)
     if cfg is None:
         notes.append("model config not found: attention FLOPs and KV bytes left out")
     if model is None:

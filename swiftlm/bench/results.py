@@ -148,9 +148,13 @@ def serve_markdown(label: str, results: Sequence[dict[str, Any]]) -> str:
     header = ["max conc"] + [title for _, title in SERVE_COLUMNS]
     rows = [[r["key"].split("=", 1)[1]] + [r["metrics"].get(k) for k, _ in SERVE_COLUMNS] for r in results]
     text = f"## bench serve: {label}\n\nLatencies in ms.\n\n{markdown_table(header, rows)}\n"
-    failures = [(r["key"], reason, n) for r in results for reason, n in r.get("failure_reasons", {}).items()]
+    failures = []
+    for r in results:
+        for reason, n in r.get("failure_reasons", {}).items():
+            example = next((q["error_detail"] for q in r["requests"] if q["error"] == reason and q["error_detail"]), "")
+            failures.append(f"- {r['key']}: {reason} x{n}" + (f" (e.g. {example[:200]!r})" if example else ""))
     if failures:
-        text += "\nFailures:\n\n" + "\n".join(f"- {k}: {reason} x{n}" for k, reason, n in failures) + "\n"
+        text += "\nFailures:\n\n" + "\n".join(failures) + "\n"
     return text
 
 

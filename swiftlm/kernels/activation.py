@@ -58,6 +58,7 @@ def _split_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """Unfused torch SiLU-and-mul: the CPU path and the kernel's oracle."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
 
@@ -76,6 +77,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused torch SiLU-and-mul, then per-token FP8 quantization of the fp32 product."""
     gate, up = x.float().chunk(2, dim=-1)
     return per_token_quant_fp8_ref(F.silu(gate) * up)
 

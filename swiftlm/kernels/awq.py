@@ -97,14 +97,25 @@ if HAS_TRITON:
         return ((j // 2) + (j % 2) * 4) * 4
 
     @triton.jit
-    def _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, group, offs_n, shifts, mask_k, mask_n, N):
-        """fp32 W tile [len(k), len(offs_n)] for rows k, all of which lie in quantization group `group`."""
-        packed_cols = offs_n // 8
-        mask = mask_k[:, None] & mask_n[None, :]
-        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + packed_cols[None, :], mask=mask, other=0)
-        q = (q >> shifts[None, :]) & 0xF
-        z = tl.load(qz_ptr + group * (N // 8) + packed_cols, mask=mask_n, other=0)
-        z = (z >> shifts) & 0xF
+    def _expand8(packed):
+        """Repeat each int32 8 times along the last dim ([.., C] -> [.., 8C]): one load per word, then registers."""
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        return tl.interleave(packed, packed)
+
+    @triton.jit
+    def _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, mask_k, group, pid_n, N, BLOCK_N: tl.constexpr):
+        """fp32 W tile [len(k), BLOCK_N] of column tile pid_n, for rows k that all lie in quantization `group`."""
+        packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        mask_p = packed_cols < N // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        shifts = _unpack_shifts(offs_n)
+        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + packed_cols[None, :],
+                    mask=mask_k[:, None] & mask_p[None, :], other=0)
+        q = (_expand8(q) >> shifts[None, :]) & 0xF
+        z = tl.load(qz_ptr + group * (N // 8) + packed_cols, mask=mask_p, other=0)
+        z = (_expand8(z) >> shifts) & 0xF
         s = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         return (q - z[None, :]).to(tl.float32) * s[None, :]
 
@@ -128,7 +139,6 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        shifts = _unpack_shifts(offs_n)
         a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
         k_begin = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
@@ -137,7 +147,7 @@ if HAS_TRITON:
             k = k0 + offs_k
             mask_k = k < k_end
             a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, k0 // GROUP_SIZE, offs_n, shifts, mask_k, mask_n, N)
+            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, mask_k, k0 // GROUP_SIZE, pid_n, N, BLOCK_N)
             if DOT_F32:
                 acc = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), acc=acc, input_precision="ieee")
             else:
@@ -157,7 +167,7 @@ if HAS_TRITON:
                          stride_cs, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Decode kernel: no tensor cores (M <= 8 would waste a 16-row MMA); each CTA streams a [K/split, BLOCK_N]
-        weight slab once and reduces x[m, k] * W[k, n] over k in registers."""
+        weight slab once and, row by row, reduces x[m, k] * W[k, n] over k in registers (CUDA-core FMAs)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -165,7 +175,6 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        shifts = _unpack_shifts(offs_n)
         a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
         k_begin = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
@@ -174,9 +183,13 @@ if HAS_TRITON:
             k = k0 + offs_k
             mask_k = k < k_end
             a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, k0 // GROUP_SIZE, offs_n, shifts, mask_k, mask_n, N)
+            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, mask_k, k0 // GROUP_SIZE, pid_n, N, BLOCK_N)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)  # same rounding of W as the GEMM and the reference
-            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+            for m in tl.static_range(BLOCK_M):
+                if m < M:
+                    row = offs_m[:, None] == m
+                    a_m = tl.sum(tl.where(row, a, 0.0), axis=0)
+                    acc = tl.where(row, acc + tl.sum(a_m[:, None] * w, axis=0)[None, :], acc)
         mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
@@ -196,8 +209,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_k = k < K
-        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, (pid_k * BLOCK_K) // GROUP_SIZE, offs_n, _unpack_shifts(offs_n),
-                          mask_k, mask_n, N)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, mask_k, (pid_k * BLOCK_K) // GROUP_SIZE, pid_n, N, BLOCK_N)
         tl.store(w_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
                  mask=mask_k[:, None] & mask_n[None, :])
 
@@ -251,7 +263,7 @@ def awq_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
     if m <= 16:
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     elif m <= 64:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
@@ -277,9 +289,8 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
         raise ValueError(f"AWQ GEMV handles at most {_GEMV_LIMIT} rows, got {m}")
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    block_m = next_power_of_2(m)
-    # Keep the [BLOCK_M, BLOCK_K, BLOCK_N] product at 8K elements (64 fp32 registers a thread at 4 warps).
-    cfg = {"BLOCK_N": 128, "BLOCK_K": max(8, 64 // block_m), "num_warps": 4, "num_stages": 4}
+    block_m = max(2, next_power_of_2(m))  # rows past M are skipped in the kernel; 2 avoids 1-wide tensors
+    cfg = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
     cfg.update(config or {})
     block_k = _block_k(group_size, cfg.pop("BLOCK_K"))
     return _launch_split(_awq_gemv_kernel, cdiv(n, cfg["BLOCK_N"]), x, qweight, qzeros, scales, bias,

@@ -377,9 +377,9 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
     scale_ptr = w_scale if fp8 else w
     scale_strides = (w_scale.stride(0), w_scale.stride(1)) if fp8 and w_scale is not None else (0, 0)
     common = dict(TOP_K=top_k, A_BY_TOKEN=first, FUSE_SILU=first, APPLY_ROUTING=not first, FP8=fp8,
-                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, IMPRECISE_ACC=cfg.block_k if fp8 else None,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (a, w, out, a_scale if fp8 else a, scale_ptr, weights)
     sizes = (n, k, num_pairs, up_offset, a.stride(0), a.stride(1), *w.stride(), out.stride(0), out.stride(1),
              *scale_strides)
@@ -438,9 +438,13 @@ if HAS_TRITON:
     def _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
                      stride_we, stride_wn, stride_wk, K,
                      FUSE_SILU: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     IMPRECISE_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """fp32 `[BLOCK_M, BLOCK_N]` accumulators of `a[a_rows] @ w[expert, w_rows].T` (and of the up rows
-        `up_offset + w_rows` when FUSE_SILU). Rows are pre-clamped to valid indices, so only K needs masks."""
+        `up_offset + w_rows` when FUSE_SILU). Rows are pre-clamped to valid indices, so only K needs masks.
+
+        IMPRECISE_ACC (fp8: BLOCK_K) promotes Hopper's reduced-precision fp8 accumulation into the fp32
+        accumulator once per K step instead of never (Triton's sm_90 default), bounding fp8 drift over long K."""
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -457,13 +461,15 @@ if HAS_TRITON:
                 a = tl.load(a_ptrs, mask=k_mask, other=0.0)
                 wg = tl.load(g_ptrs, mask=k_mask, other=0.0)
             a = a.to(DOT_DTYPE)
-            acc_g = tl.dot(a, tl.trans(wg.to(DOT_DTYPE)), acc_g, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(a, tl.trans(wg.to(DOT_DTYPE)), acc_g, input_precision=DOT_PRECISION,
+                           max_num_imprecise_acc=IMPRECISE_ACC)
             if FUSE_SILU:
                 if EVEN_K:
                     wu = tl.load(u_ptrs)
                 else:
                     wu = tl.load(u_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-                acc_u = tl.dot(a, tl.trans(wu.to(DOT_DTYPE)), acc_u, input_precision=DOT_PRECISION)
+                acc_u = tl.dot(a, tl.trans(wu.to(DOT_DTYPE)), acc_u, input_precision=DOT_PRECISION,
+                               max_num_imprecise_acc=IMPRECISE_ACC)
             a_ptrs += BLOCK_K * stride_ak
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
@@ -495,7 +501,8 @@ if HAS_TRITON:
         N, K, num_pairs, up_offset,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_se, stride_sn,
         TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, APPLY_ROUTING: tl.constexpr,
-        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIRS_CAP: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
+        PAIRS_CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """Program (pair p, N tile): runs only if p is the first pair routed to its expert, and then computes
@@ -524,7 +531,7 @@ if HAS_TRITON:
                 a_rows = pairs
             acc_g, acc_u = _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
                                         stride_we, stride_wn, stride_wk, K, FUSE_SILU, DOT_DTYPE, DOT_PRECISION,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                                        IMPRECISE_ACC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
             _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
                         a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
                         FUSE_SILU, APPLY_ROUTING, FP8)
@@ -536,7 +543,8 @@ if HAS_TRITON:
         N, K, num_pairs, up_offset,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_se, stride_sn,
         TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, APPLY_ROUTING: tl.constexpr,
-        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
+        GROUP_M: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """Program: one BLOCK_M block of expert-sorted pairs x one N tile. Blocks are swizzled in groups of
@@ -562,7 +570,7 @@ if HAS_TRITON:
         w_rows = offs_n % N
         acc_g, acc_u = _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,
                                     stride_we, stride_wn, stride_wk, K, FUSE_SILU, DOT_DTYPE, DOT_PRECISION,
-                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                                    IMPRECISE_ACC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
                     a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
                     FUSE_SILU, APPLY_ROUTING, FP8)

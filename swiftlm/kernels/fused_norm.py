@@ -63,6 +63,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unfused torch RMSNorm: the CPU path and the kernel's oracle."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
     return y.to(x.dtype)
@@ -80,6 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused torch add + RMSNorm: the CPU path and the kernel's oracle."""
     s = x.float() + residual.float()
     y = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
     return y.to(x.dtype), s.to(residual.dtype)
@@ -114,6 +116,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def fused_add_rms_norm_fp8_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Unfused torch add + RMSNorm + per-token FP8 quantization (from the fp32 normalized row)."""
     s = x.float() + residual.float() if residual is not None else x.float()
     y = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
     q, scale = per_token_quant_fp8_ref(y)

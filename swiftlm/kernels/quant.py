@@ -42,19 +42,25 @@ def can_use_triton(t: torch.Tensor) -> bool:
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceil division for launch grids (no Triton import needed)."""
     return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (tl.arange sizes)."""
     return 1 << max(0, n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """SM count used to size split-K grids; a nominal H100 figure off-GPU (interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,8 +383,13 @@ def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> b
     if out_dtype != torch.bfloat16 or a.shape[1] % 16 or w.shape[0] % 16:
         return False
     if a.is_cuda:
-        return torch.cuda.get_device_capability(a.device) >= (8, 9)
+        return _capability(a.device.index if a.device.index is not None else torch.cuda.current_device()) >= (8, 9)
     return hasattr(torch, "_scaled_mm")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def select_fp8_backend(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> str:
@@ -397,6 +408,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
              backend: str | None = None) -> torch.Tensor:
     """FP8 x FP8 -> out_dtype GEMM on pre-quantized operands; backend None picks per shape."""
+    if a.shape[0] == 0:
+        return torch.empty((0, w.shape[0]), dtype=out_dtype, device=a.device)
     backend = backend or select_fp8_backend(a, w, out_dtype)
     if backend == "triton_small":
         return fp8_gemm_triton_small_m(a, a_scale, w, w_scale, bias, out_dtype)

@@ -85,7 +85,8 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         self.moe_config = moe = MoeConfig.from_dict(cfg.raw)
 
         def make_layer(i: int, prefix: str) -> nn.Module:
-            mlp = Qwen3MoeSparseBlock(cfg.hidden_size, moe, f"{prefix}.mlp", dtype, quant_for) if moe.is_sparse(i) else None
+            sparse = moe.is_sparse(i)
+            mlp = Qwen3MoeSparseBlock(cfg.hidden_size, moe, f"{prefix}.mlp", dtype, quant_for) if sparse else None
             return QwenDecoderLayer(cfg, prefix, dtype, quant_for, max_position, mlp=mlp)
 
         return QwenModel(cfg, dtype, quant_for, max_position, layer_factory=make_layer)

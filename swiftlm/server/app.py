@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -191,7 +191,7 @@ def _engine_error(exc: BaseException) -> APIError:
 _ENGINE_ERRORS = (EngineOverloadedError, EngineShutdownError, EngineInternalError, ValueError)
 
 
-async def _first_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
+async def _first_output(agen: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
     """Wait for admission and the first output, so errors become a status code before any byte is streamed."""
     try:
         return await agen.__anext__()
@@ -199,7 +199,7 @@ async def _first_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
         raise _engine_error(exc) from exc
 
 
-async def _last_output(agen: AsyncIterator[RequestOutput], first: RequestOutput) -> RequestOutput:
+async def _last_output(agen: AsyncGenerator[RequestOutput, None], first: RequestOutput) -> RequestOutput:
     last = first
     try:
         async with contextlib.aclosing(agen):
@@ -274,7 +274,7 @@ def _completion_logprobs(state: _ServerState, entries: list[TokenLogprob], top_k
 
 async def _submit(state: _ServerState, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                   prompt_param: str, max_tokens_param: str,
-                  id_prefix: str) -> tuple[str, SamplingParams, AsyncIterator[RequestOutput], RequestOutput]:
+                  id_prefix: str) -> tuple[str, SamplingParams, AsyncGenerator[RequestOutput, None], RequestOutput]:
     """Validate against the context, submit, and wait for the first output."""
     engine = state.engine
     max_tokens = _resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
@@ -286,9 +286,9 @@ async def _submit(state: _ServerState, body: ChatCompletionRequest | CompletionR
     return request_id, params, agen, await _first_output(agen)
 
 
-async def _sse_stream(agen: AsyncIterator[RequestOutput], first: RequestOutput, head: list[str],
+async def _sse_stream(agen: AsyncGenerator[RequestOutput, None], first: RequestOutput, head: list[str],
                       render: Callable[[RequestOutput], str | None],
-                      tail: Callable[[RequestOutput], list[str]]) -> AsyncIterator[str]:
+                      tail: Callable[[RequestOutput], list[str]]) -> AsyncGenerator[str, None]:
     """Drive one SSE response: `head`, one event per output that `render`s, `tail` of the final output, [DONE].
 
     Only the final output's cumulative fields are read: the engine may keep mutating them while the request runs.
@@ -297,29 +297,44 @@ async def _sse_stream(agen: AsyncIterator[RequestOutput], first: RequestOutput, 
     for event in head:
         yield event
     out = first
-    async with contextlib.aclosing(agen):
-        try:
-            async for out in _prepend(first, agen):
-                event = render(out)
-                if event is not None:
-                    yield event
-        except _ENGINE_ERRORS as exc:
-            yield _sse(_engine_error(exc).body())
-            return
+    try:
+        async for out in _prepend(first, agen):
+            event = render(out)
+            if event is not None:
+                yield event
+    except _ENGINE_ERRORS as exc:
+        yield _sse(_engine_error(exc).body())
+        return
     for event in tail(out):
         yield event
     yield _SSE_DONE
 
 
-async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _prepend(first: RequestOutput, rest: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
     yield first
     if not first.finished:
         async for out in rest:
             yield out
 
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream")
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its generators however it ends.
+
+    Starlette cancels the send on a client disconnect and leaves the body iterator suspended; closing it (and the
+    engine stream under it) here aborts the request at once instead of whenever the garbage collector runs.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], source: AsyncGenerator[RequestOutput, None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._events = events
+        self._source = source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._source.aclose()
 
 
 async def _chat(state: _ServerState, body: ChatCompletionRequest) -> Response:
@@ -359,7 +374,7 @@ async def _chat(state: _ServerState, body: ChatCompletionRequest) -> Response:
         return events
 
     head = [chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
-    return _event_stream(_sse_stream(agen, first, head, render, tail))
+    return _EventStream(_sse_stream(agen, first, head, render, tail), agen)
 
 
 async def _completion(state: _ServerState, body: CompletionRequest) -> Response:
@@ -403,7 +418,7 @@ async def _completion(state: _ServerState, body: CompletionRequest) -> Response:
             events.append(chunk([], UsageInfo.of(out.num_prompt_tokens, out.num_output_tokens)))
         return events
 
-    return _event_stream(_sse_stream(agen, first, [], render, tail))
+    return _EventStream(_sse_stream(agen, first, [], render, tail), agen)
 
 
 class _BearerAuth:
