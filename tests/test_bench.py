@@ -20,6 +20,7 @@ import pytest
 import torch
 from aiohttp import web
 
+import swiftlm
 from swiftlm.bench import cli
 from swiftlm.bench.client import EndpointConfig, StreamResult
 from swiftlm.bench.datasets import (
@@ -42,8 +43,21 @@ from swiftlm.bench.metrics import (
     split_gap,
     time_per_output_token,
 )
-from swiftlm.bench.offline import DevicePeaks, LatencyConfig, model_cost, run_latency, run_throughput
-from swiftlm.bench.reliability import OK, REJECTED, ReliabilityConfig, check_response, retry_delay, run_reliability
+from swiftlm.bench.offline import (
+    DevicePeaks,
+    LatencyConfig,
+    model_cost,
+    run_latency,
+    run_throughput,
+)
+from swiftlm.bench.reliability import (
+    OK,
+    REJECTED,
+    ReliabilityConfig,
+    check_response,
+    retry_delay,
+    run_reliability,
+)
 from swiftlm.bench.results import compare_markdown
 from swiftlm.bench.serve import run_serve
 from swiftlm.bench.sse import SSEDecoder, StreamAccumulator
@@ -375,6 +389,7 @@ def test_concurrency_sweep_writes_json_markdown_and_plots(fake_server, tmp_path,
     assert data["model"] == "fake-model" and data["url"] == fake_server.url + "/v1/completions"
     env = data["environment"]
     assert env["hostname"] and env["torch"] == torch.__version__ and env["date_utc"].endswith("+00:00")
+    assert env["swiftlm"] == swiftlm.__version__ and isinstance(env["argv"], list)  # the process's own argv
     assert [r["key"] for r in data["results"]] == ["concurrency=1", "concurrency=2", "concurrency=4"]
     for r, level in zip(data["results"], (1, 2, 4), strict=True):
         assert r["metrics"]["completed"] == 8 and r["metrics"]["total_output_tokens"] == 40

@@ -174,10 +174,10 @@ def build_requests(dataset: str, num: int, *, chat: bool, tokenizer: Tokenizer |
                    input_len: int, output_len: int, range_ratio: float, dataset_path: str | None = None,
                    prefix_len: int = 0, num_prefixes: int = 1) -> list[SampleRequest]:
     """Dispatch on the dataset name the CLI was given."""
+    if dataset in ("random", "shared-prefix") and chat and tokenizer is None:
+        print("note: chat endpoint without --tokenizer: random prompts are words, so input length is taken "
+              "from the server's usage.prompt_tokens", file=sys.stderr)
     if dataset == "random":
-        if chat and tokenizer is None:
-            print("note: chat endpoint without --tokenizer: random prompts are words, so input length is taken "
-                  "from the server's usage.prompt_tokens", file=sys.stderr)
         return random_requests(num, input_len, output_len, range_ratio, seed, tokenizer, chat)
     if dataset == "shared-prefix":
         return shared_prefix_requests(num, prefix_len, num_prefixes, input_len, output_len, range_ratio, seed,

@@ -52,6 +52,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _swiftlm_version() -> str | None:
+    """Installed distribution version, else the package's own `__version__` (running from a source checkout)."""
+    import swiftlm
+
+    return _version("swiftlm") or getattr(swiftlm, "__version__", None)
+
+
 def collect_environment() -> dict[str, Any]:
     """Enough context to tell two result files apart: host, GPU and driver, library versions, code revision."""
     env: dict[str, Any] = {
@@ -60,7 +67,7 @@ def collect_environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv),
-        "swiftlm": _version("swiftlm"),
+        "swiftlm": _swiftlm_version(),
         "triton": _version("triton"),
         "git_commit": _run(["git", "rev-parse", "HEAD"]),
         "git_dirty": None,

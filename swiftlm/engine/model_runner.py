@@ -31,6 +31,9 @@ def _no_quant(prefix: str) -> None:
     return None
 
 
+PREFILL_GRAPH_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (always included)."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 8))
@@ -83,6 +86,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         logger.info("model runner ready in %.1fs: %d KV blocks of %d tokens, %d CUDA graphs",
@@ -183,8 +187,12 @@ class ModelRunner:
                 d[s.seq_lens: s.seq_lens + rows], d[s.cu_q: s.cu_q + rows + 1],
                 d[s.logits_idx: s.logits_idx + rows], d[s.block_tables: s.end(rows)].view(rows, s.width))
 
-    def _pack(self, batch: SchedulerOutput, rows: int) -> tuple[int, int, list[int]]:
-        """Fill the host buffer; returns (tokens, max query length, indices of sampling rows)."""
+    def _pack(self, batch: SchedulerOutput, rows: int, pad_tokens_to: int | None = None) -> tuple[int, int, list[int]]:
+        """Fill the host buffer; returns (tokens, max query length, indices of sampling rows).
+
+        `pad_tokens_to` pads the flat token list (prefill graphs): padding tokens belong to no sequence and
+        write their K/V into the reserved block.
+        """
         s, h, bs = self.seg, self.host_np, self.block_size
         t = 0
         max_q = 1
@@ -219,6 +227,10 @@ class ModelRunner:
             h[s.seq_lens + i] = 1
             bt[i, 0] = BlockAllocator.NULL_BLOCK
             t += 1
+        if pad_tokens_to is not None:
+            h[s.ids + t: s.ids + pad_tokens_to] = 0
+            h[s.pos + t: s.pos + pad_tokens_to] = 0
+            h[s.slots + t: s.slots + pad_tokens_to] = BlockAllocator.NULL_BLOCK
         return t, max_q, sample_rows
 
     def _upload(self, rows: int) -> None:
@@ -230,12 +242,16 @@ class ModelRunner:
         """Run one forward; returns (indices of scheduled seqs that sampled, sampler output for them)."""
         num_rows = len(batch.scheduled)
         graph_bs = self._graph_size(num_rows) if batch.decode_only else None
+        prefill_graph = None if batch.decode_only else self._prefill_graph_size(batch)
         rows = graph_bs or num_rows
-        tokens, max_q, sample_rows = self._pack(batch, rows)
+        tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph)
         self._upload(rows)
         if graph_bs is not None:
             self.graphs[graph_bs].replay()
             logits = self.logits_buf[:num_rows]
+        elif prefill_graph is not None:
+            self.prefill_graphs[prefill_graph].replay()
+            logits = self.logits_buf[:1]
         else:
             ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
             fresh = [i.num_new_tokens for i in batch.scheduled] if all(
@@ -260,6 +276,21 @@ class ModelRunner:
             if size >= n:
                 return size
         return None
+
+    def _prefill_graph_size(self, batch: SchedulerOutput) -> int | None:
+        """Smallest prefill graph that fits a one-sequence step (interactive TTFT), if any."""
+        if len(batch.scheduled) != 1 or not batch.scheduled[0].samples:
+            return None
+        n = batch.scheduled[0].num_new_tokens
+        return next((size for size in sorted(self.prefill_graphs) if size >= n), None)
+
+    def _prefill_forward(self, tokens: int) -> None:
+        """One sequence's (chunk of) prompt, padded to `tokens`, through the varlen paged-prefill kernel."""
+        ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(1, tokens)
+        meta = AttentionMetadata(slots.long(), bt, seq_lens, cu_q, tokens)
+        with forward_context(meta):
+            hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden[logits_idx], out=self.logits_buf[:1])
 
     def _decode_forward(self, bs: int) -> None:
         ids, pos, slots, seq_lens, _, _, bt = self._views(bs, bs)
@@ -286,6 +317,16 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self._decode_forward(bs)
                 self.graphs[bs] = graph
+            # Prefill graphs are captured on a one-token prompt: cu_seqlens [0, 1], one sampled row.
+            self.host_np[s.cu_q + 1] = 1
+            self._upload(1)
+            for tokens in sorted((t for t in PREFILL_GRAPH_TOKENS if t <= self.max_num_tokens), reverse=True):
+                self._prefill_forward(tokens)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._prefill_forward(tokens)
+                self.prefill_graphs[tokens] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - start)
+        logger.info("captured %d decode and %d prefill CUDA graphs in %.1fs", len(self.graphs),
+                    len(self.prefill_graphs), time.perf_counter() - start)
