@@ -364,7 +364,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     fp32 (exact FMA dots, a correctness path) uses small tiles to limit register spills."""
     if dtype == torch.float32:
         return max(16, 2048 // head_dim), 4, 2
-    return max(16, min(128, 16384 // head_dim)), 4, 3
+    return max(16, min(128, 8192 // head_dim)), 4, 3
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
