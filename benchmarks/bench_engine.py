@@ -13,6 +13,7 @@ PROCESS_START = time.perf_counter()
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -37,26 +38,51 @@ def measure_ceilings() -> dict:
     return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def prefill_flops(cfg: dict, tokens: int) -> float:
-    """2 x non-embedding params x tokens (+ LM head for the last token) + causal attention FLOPs."""
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+def mlp_params_per_token(cfg: dict) -> int:
+    """MLP weights one token multiplies with: all of a dense MLP, or the router plus top-k experts of an MoE."""
+    h = cfg["hidden_size"]
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if experts:
+        return cfg["num_experts_per_tok"] * 3 * h * cfg["moe_intermediate_size"] + h * experts
+    return 3 * h * cfg["intermediate_size"]
+
+
+def decode_bytes_per_token(cfg: dict, engine, dtype_bytes: int) -> int:
+    """Weight bytes a batch-1 decode step must read. Dense: every weight (embedding included, as the issue's
+    floor counts it). MoE: attention, router, the top-k experts and the head (the issue's floor)."""
+    if not (cfg.get("num_experts") or cfg.get("num_local_experts")):
+        return engine.model_weight_bytes()
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or h // hq
-    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * inter
+    attn = h * (hq + 2 * hkv) * d + hq * d * h
+    return dtype_bytes * (layers * (attn + mlp_params_per_token(cfg)) + h * cfg["vocab_size"])
+
+
+def prefill_flops(cfg: dict, tokens: int) -> float:
+    """2 x params each token multiplies with x tokens (+ LM head for the last token) + causal attention FLOPs."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + mlp_params_per_token(cfg)
     attn = 4 * layers * hq * d * tokens * (tokens + 1) / 2
     return 2 * per_layer * layers * tokens + attn + 2 * h * cfg["vocab_size"]
 
 
-def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict, ceil: dict) -> dict:
+def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, dict]:
     from swiftlm import SamplingParams
     from swiftlm.engine.llm import LLM
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     ready_s = time.perf_counter() - PROCESS_START
+    ceil = measure_ceilings()
+    weight_dtype_bytes = 1 if args.quantization == "fp8" else 2
     res: dict = {"engine_init_s": time.perf_counter() - t0, "startup_to_ready_s": ready_s,
-                 "num_kv_blocks": engine.model_runner.num_blocks, "weight_bytes": engine.model_weight_bytes()}
+                 "num_kv_blocks": engine.model_runner.num_blocks, "weight_bytes": engine.model_weight_bytes(),
+                 "decode_bytes_per_token": decode_bytes_per_token(cfg, engine, weight_dtype_bytes)}
     gen = torch.Generator().manual_seed(0)
 
     def prompt(n: int) -> list[int]:
@@ -80,7 +106,7 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict, ceil: dict) -> 
         ttft, itl = timed_steps(prompt(512), 256)
         ttft512.append(ttft)
         tpots.append(statistics.mean(itl))
-    floor_decode = res["weight_bytes"] / ceil["hbm_bytes_per_s"]
+    floor_decode = res["decode_bytes_per_token"] / ceil["hbm_bytes_per_s"]
     res["tpot_b1_ms"] = statistics.median(tpots) * 1e3
     res["tpot_b1_all_ms"] = [t * 1e3 for t in tpots]
     res["decode_floor_ms"] = floor_decode * 1e3
@@ -93,6 +119,18 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict, ceil: dict) -> 
         res[f"ttft_{n}_all_ms"] = [t * 1e3 for t in ttfts]
         res[f"ttft_{n}_floor_ms"] = floor * 1e3
         res[f"ttft_{n}_floor_ratio"] = floor / statistics.median(ttfts)
+    for batch in args.long_context_batches:
+        engine_steps = []
+        for i in range(batch):
+            engine.add_request(f"lc{batch}-{i}", prompt(8000), SamplingParams(max_tokens=65, ignore_eos=True,
+                                                                             temperature=0.0))
+        while engine.has_unfinished_requests():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = engine.step()
+            if outs and all(len(o.token_ids) > 1 for o in outs):
+                engine_steps.append(time.perf_counter() - t)
+        res[f"decode_ctx8k_b{batch}_step_ms"] = statistics.median(engine_steps) * 1e3
     prompts = [prompt(1024) for _ in range(args.num_prompts)]
     params = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0)
     llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -107,7 +145,7 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict, ceil: dict) -> 
     del llm, engine
     gc.collect()
     torch.cuda.empty_cache()
-    return res
+    return res, ceil
 
 
 def run_transformers(cfg: dict, args: argparse.Namespace) -> dict:
@@ -167,12 +205,16 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--long-context-batches", type=int, nargs="*", default=[],
+                    help="also time decode steps at 8K context for these batch sizes")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with open(f"{args.model}/config.json") as f:
         cfg = json.load(f)
-    ceil = measure_ceilings()
-    ours = run_swiftlm(args.model, args, cfg, ceil)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
+    ours, ceil = run_swiftlm(args.model, args, cfg)
     hf = {} if args.skip_hf else run_transformers(cfg, args)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -34,8 +34,9 @@ class LogitRecorder:
 
 
 def test_bf16_logits_and_greedy_close_to_transformers(checkpoint) -> None:
-    """Our bf16 logits are as close to transformers' fp32 as transformers' own bf16 run is (x2 + 1e-3), and
-    greedy continuations agree with transformers' bf16 ones over the first 32 tokens."""
+    """Our bf16 logits are as close to transformers' fp32 ones as transformers' own bf16 run is (x2 + 1e-3);
+    greedy tokens match transformers' bf16 greedy tokens over the first 32 positions, teacher-forced (each
+    position gets transformers' prefix) so that one near-tie does not decide every later position."""
     from transformers import AutoModelForCausalLM
 
     from swiftlm.engine.llm import LLM
@@ -44,21 +45,25 @@ def test_bf16_logits_and_greedy_close_to_transformers(checkpoint) -> None:
     ref16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
     recorder = LogitRecorder(llm.engine.model_runner.sampler)
     llm.engine.model_runner.sampler = recorder
-    outs = llm.generate(_prompts(), SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    greedy1 = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate(_prompts(), greedy1, use_tqdm=False)
     first = recorder.calls[0]
-    agree = []
-    for i, (prompt, out) in enumerate(zip(_prompts(), outs)):
+    forced, expected = [], []
+    for i, prompt in enumerate(_prompts()):
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
             l32 = ref32(ids).logits[0, -1].float()
             l16 = ref16(ids).logits[0, -1].float()
-            full = ref16.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(prompt):]
+            full = ref16.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0].tolist()
         ours_err = ((first[i] - l32).norm() / l32.norm()).item()
         hf_err = ((l16 - l32).norm() / l32.norm()).item()
         assert ours_err <= 2 * hf_err + 1e-3, (ours_err, hf_err)
-        same = (torch.tensor(out.token_ids, device="cuda") == full).int().cumprod(0).sum().item()
-        agree.append(same / NEW)
-    assert sum(agree) / len(agree) >= 0.75, agree
+        for j in range(NEW):
+            forced.append(full[: len(prompt) + j])
+            expected.append(full[len(prompt) + j])
+    got = [o.token_ids[0] for o in llm.generate(forced, greedy1, use_tqdm=False)]
+    agree = sum(g == e for g, e in zip(got, expected)) / len(expected)
+    assert agree >= 0.9, agree
 
 
 def test_cuda_graphs_equal_eager(checkpoint) -> None:

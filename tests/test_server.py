@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
@@ -61,8 +62,15 @@ class LiveServer:
         assert not self.thread.is_alive()
 
 
+# On the GPU machine the same tests run against a large checkpoint: SWIFTLM_TEST_MODEL names its directory
+# (which must hold a tokenizer) and SWIFTLM_TEST_LOAD_FORMAT=dummy gives it random weights.
+TEST_MODEL = os.environ.get("SWIFTLM_TEST_MODEL")
+TEST_LOAD_FORMAT = os.environ.get("SWIFTLM_TEST_LOAD_FORMAT", "auto")
+
+
 def _engine_factory(**overrides: Any) -> Callable[[], LLMEngine]:
-    config = EngineConfig(max_model_len=MAX_MODEL_LEN, num_kv_blocks=256, **overrides)
+    config = EngineConfig(model=TEST_MODEL, load_format=TEST_LOAD_FORMAT, max_model_len=MAX_MODEL_LEN,
+                          num_kv_blocks=256, **overrides)
     return lambda: LLMEngine(config)
 
 
@@ -84,7 +92,7 @@ def guarded() -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    return AutoTokenizer.from_pretrained(demo_model_path())
+    return AutoTokenizer.from_pretrained(TEST_MODEL or demo_model_path())
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -125,8 +125,8 @@ class ModelRunner:
     def _kv_dtype(self) -> torch.dtype:
         if self.config.kv_cache_dtype in ("auto", None):
             return self.dtype
-        if self.config.kv_cache_dtype == "fp8":
-            raise ValueError("kv_cache_dtype fp8 is not supported yet")
+        if self.config.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            return torch.float8_e4m3fn  # per-tensor scales of 1.0: the kernels dequantize on load
         raise ValueError(f"unknown kv_cache_dtype {self.config.kv_cache_dtype!r}")
 
     @torch.inference_mode()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On the GPU machine: the server on a Qwen3-8B-shaped random-weight checkpoint.
+#   part "tests": the CPU server tests (tests/test_server.py) against it;
+#   part "bench": time from `swiftlm serve` start to a healthy /health, a concurrency sweep (1024 in / 256 out)
+#   and a 1000-user reliability run.
+# Usage: bash benchmarks/device_serve.sh tests|bench OUT_DIR
+set -uo pipefail
+part=$1; out=$2
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+model=/tmp/qwen3-8b-demo-tok
+mkdir -p "$model" "$out"
+cp benchmarks/models/qwen3-8b/config.json "$model/"
+demo=$(python3 -c "from swiftlm.demo import demo_model_path; print(demo_model_path())")
+cp "$demo"/tokenizer.json "$demo"/tokenizer_config.json "$model/"
+if [ "$part" = tests ]; then
+  SWIFTLM_TEST_MODEL=$model SWIFTLM_TEST_LOAD_FORMAT=dummy python3 -m pytest -q tests/test_server.py -x 2>&1 | tail -15
+  exit 0
+fi
+port=8011
+start=$(date +%s.%N)
+setsid python3 -m swiftlm serve --model "$model" --load-format dummy --port $port --host 127.0.0.1 \
+  --max-waiting 4096 > "$out/server.log" 2>&1 &
+python3 - "$port" <<'PY'
+import sys, time, urllib.request
+while True:
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=1).status == 200:
+            break
+    except OSError:
+        time.sleep(0.2)
+PY
+ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
+echo "server ready after ${ready}s" | tee "$out/startup.txt"
+common=(--base-url "http://127.0.0.1:$port" --model "$model" --dataset random --random-input-len 1024
+        --random-output-len 256 --ignore-eos --disable-tqdm --tokenizer "$model")
+python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 1,2,4,8 --num-prompts 16 \
+  --result-dir "$out/sweep_low" --label qwen3-8b-low 2>&1 | tail -12
+python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 16,32,64,128 --num-prompts 256 \
+  --result-dir "$out/sweep_high" --label qwen3-8b-high 2>&1 | tail -12
+python3 -m swiftlm bench reliability --base-url "http://127.0.0.1:$port" --model "$model" --users 1000 \
+  --duration 120 --disable-tqdm --result-dir "$out/reliability" 2>&1 | tail -15
+pkill -f "swiftlm serve" || true
