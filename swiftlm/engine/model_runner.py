@@ -287,7 +287,7 @@ class ModelRunner:
     def _prefill_forward(self, tokens: int) -> None:
         """One sequence's (chunk of) prompt, padded to `tokens`, through the varlen paged-prefill kernel."""
         ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(1, tokens)
-        meta = AttentionMetadata(slots.long(), bt, seq_lens, cu_q, tokens)
+        meta = AttentionMetadata(slots.long(), bt, seq_lens, cu_q, tokens, padded_tokens=True)
         with forward_context(meta):
             hidden = self.model(ids, pos)
         self.model.compute_logits(hidden[logits_idx], out=self.logits_buf[:1])

@@ -30,7 +30,8 @@ class AttentionMetadata:
     tokens in the cache per sequence after this step. cu_seqlens_q: [B+1] int32 offsets of each sequence's new
     tokens (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
     prompt lengths when every sequence starts at position 0 (no cached prefix), which lets the GPU use cuDNN
-    attention on the new K/V directly.
+    attention on the new K/V directly. padded_tokens: the flat batch ends with tokens of no sequence (prefill
+    CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
     """
 
     slot_mapping: torch.Tensor
@@ -40,6 +41,7 @@ class AttentionMetadata:
     max_seqlen_q: int = 1
     decode_num_splits: int | None = None
     fresh_prefill_lens: list[int] | None = None
+    padded_tokens: bool = False
 
     @property
     def decode_only(self) -> bool:
@@ -98,8 +100,9 @@ class Attention(nn.Module):
         if q.is_cuda and meta.fresh_prefill_lens is not None:
             return self._fresh_prefill(q, k, v, meta.fresh_prefill_lens)
         fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if meta.padded_tokens else None
         return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                  meta.max_seqlen_q)
+                  meta.max_seqlen_q, out)
 
     def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """Prompts with no cached prefix: causal attention per sequence on the new K/V (cuDNN first)."""
