@@ -1,0 +1,300 @@
+"""Decode GEMV / skinny GEMM for M <= 16: y[M, N] = x[M, K] @ (W[N, K] * w_scale[N])^T + bias, W read exactly once.
+
+At decode a linear layer's time is the time to stream its weight, so every design choice here serves bandwidth:
+  * each program owns a BLOCK_N slice of output columns and streams its [BLOCK_N, K / SPLIT_K] piece of W with
+    16-byte loads along K (rows are K-contiguous), marked evict-first so that x and partials keep L2;
+  * x ([M, K], tiny) is re-read per tile from L1/L2;
+  * split-K gives small-N shapes enough programs to cover the SMs several times. Each split parks an fp32 partial;
+    the last split to finish a column tile (an atomic counter per tile) sums the partials in split order and writes
+    y. One launch, deterministic, no host sync, CUDA-graph safe: the counters reset themselves.
+Weights are bf16/fp16 (matching x), or float8_e4m3fn with one fp32 scale per output row (W8A16: weight tiles
+upcast in registers, activations stay 16-bit, the scale is applied in the epilogue; exact products, fp32 sums).
+
+Two kernels, both chosen per shape from `GEMV_CONFIGS` (filled from `benchmarks/bench_gemv.py` measurements):
+  * "fma": CUDA-core products. Each iteration reduces only within a thread's CHUNK consecutive k (one 16-byte vector
+    by default), so the cross-lane half of the K reduction happens once, after the loop;
+  * "dot": tensor cores on W_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16] (M padded to 16 on the MMA's narrow side).
+`gemv_ref` is the PyTorch twin (fp32 math, cast at the end); CPU tensors without the interpreter use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from swiftlm.kernels.quant import FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, next_power_of_2, \
+    num_sms
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+GEMV_MAX_M = 16
+_DOT_M = 16  # tl.dot needs 16 rows; the x^T operand is zero-padded to this many columns
+_KERNELS = ("fma", "dot")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of `gemv`.
+
+    kernel: "fma" or "dot" (see the module docstring). block_n / block_k: weight tile (powers of two; "dot" needs
+    >= 16). split_k: K splits (programs = cdiv(N, block_n) * split_k); 0 picks one at launch that fills the GPU.
+    num_stages: software-pipelining depth of the K loop (cp.async into shared memory); 1 = plain loads.
+    chunk ("fma" only): k elements summed per iteration inside a thread; 0 = one 16-byte vector of the weight;
+    chunk == block_k reduces the whole tile every iteration.
+    """
+
+    kernel: str
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    chunk: int = 0
+
+
+# (N, K, M bucket = next power of two of M, weight kind "bf16" | "fp8") -> config. 16-bit weights (bf16 or fp16)
+# share the "bf16" entries: same bytes per weight. Paste `benchmarks/bench_gemv.py` output here.
+GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {}
+
+
+def weight_kind(dtype: torch.dtype) -> str:
+    """Key component of `GEMV_CONFIGS` for a weight dtype."""
+    return "fp8" if dtype == FP8_DTYPE else "bf16"
+
+
+def m_bucket(m: int) -> int:
+    """Key component of `GEMV_CONFIGS` for M (1, 2, 4, 8, 16)."""
+    return next_power_of_2(max(m, 1))
+
+
+def _default_config(m: int, weight_dtype: torch.dtype) -> GemvConfig:
+    """Untuned fallback: CUDA cores while each weight element feeds few rows, tensor cores beyond; 512-byte K rows."""
+    element = 1 if weight_dtype == FP8_DTYPE else 2
+    if m <= 4:
+        return GemvConfig("fma", block_n=16, block_k=512 // element, split_k=0, num_warps=4, num_stages=1)
+    return GemvConfig("dot", block_n=64, block_k=256 // element, split_k=0, num_warps=4, num_stages=4)
+
+
+def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig:
+    """The tuned config for this shape if `GEMV_CONFIGS` has one, else the default for M and the weight dtype."""
+    return GEMV_CONFIGS.get((n, k, m_bucket(m), weight_kind(weight_dtype))) or _default_config(m, weight_dtype)
+
+
+def auto_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Smallest power-of-two split giving >= 4 programs per SM while each split keeps >= 4 K tiles."""
+    split = 1
+    while tiles * split < 4 * sms and k >= 8 * split * block_k:
+        split *= 2
+    return split
+
+
+# Split-K arrival counters, one int32 per column tile, zero between launches (each launch's last arrivals reset
+# theirs). Buffers are never freed: a captured CUDA graph keeps using the one it was captured with. Launches that
+# share a device must not overlap in time (one stream), as they share counters.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_MIN_COUNTERS = 1 << 14
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ (w [N, K] * w_scale [N, 1])^T + bias in fp32, cast to out_dtype (default x's dtype)."""
+    out = x.float() @ w.float().t()
+    if w_scale is not None:
+        out = out * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype or x.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _finish(acc, offs_m, offs_n, M, N, s_ptr, b_ptr, out_ptr, stride_om, HAS_SCALE: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+        """Epilogue on the full fp32 sums [BLOCK_M, BLOCK_N]: per-row weight scale, bias, cast, store."""
+        mask_n = offs_n < N
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+    @triton.jit
+    def _store_tile(acc, offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Finish this program's [BLOCK_M, BLOCK_N] sums, or with split-K park them in the workspace [S, M, N] and let
+        the last split of the column tile (atomic arrival count) add all partials in split order and finish."""
+        if SPLIT_K == 1:
+            _finish(acc, offs_m, offs_n, M, N, s_ptr, b_ptr, out_ptr, stride_om, HAS_SCALE, HAS_BIAS)
+        else:
+            pid_n = tl.program_id(0)
+            plane = M * N
+            parts = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.store(parts + tl.program_id(1) * plane, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the (releasing) arrival below
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in range(SPLIT_K):  # fixed order: bitwise reproducible whichever split came last
+                    total += tl.load(parts + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
+                _finish(total, offs_m, offs_n, M, N, s_ptr, b_ptr, out_ptr, stride_om, HAS_SCALE, HAS_BIAS)
+                tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch / graph replay
+
+    @triton.jit
+    def _fma_partial(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        """[BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] sums of x * w over CHUNK consecutive k. With CHUNK equal to a thread's
+        vector the sum stays in registers (no shuffles); the remaining lanes are reduced once, after the K loop."""
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if CHUNK == BLOCK_K:
+            part = tl.sum(prod, axis=2, keep_dims=True)
+        else:
+            part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=3)
+        return part
+
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
+    def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
+                         stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
+        """Program (column tile, K split): CUDA-core dot products of all M rows with its weight rows."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        mask_x = offs_m[:, None] < M
+        # Rows past N re-read row n % N (unmasked, vectorized loads); their results are never stored.
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        k_begin = tl.program_id(1) * K_PER_SPLIT
+        k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
+        k_full = k_begin + (k_stop - k_begin) // BLOCK_K * BLOCK_K
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
+        for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
+            k = k0 + offs_k
+            x = tl.load(x_rows + k[None, :], mask=mask_x, other=0.0)
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+            acc += _fma_partial(x, w, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+        if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
+            k = k_full + offs_k
+            mask_k = k[None, :] < k_stop
+            x = tl.load(x_rows + k[None, :], mask=mask_x & mask_k, other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=mask_k, other=0.0)
+            acc += _fma_partial(x, w, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+        _store_tile(tl.sum(acc, axis=2), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                    stride_om, HAS_SCALE, HAS_BIAS)
+
+    @triton.jit
+    def _mma(w, xt, acc, DOT_F32: tl.constexpr):
+        """acc += w @ xt with w upcast to x's dtype (exact for e4m3). DOT_F32 widens both operands to fp32 with IEEE
+        products: the interpreter multiplies bf16 dot operands as raw bit patterns, and the widening is exact."""
+        if DOT_F32:
+            acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+        return acc
+
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
+    def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
+                         stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+        """Program (column tile, K split): tensor-core W_tile @ x^T, weight rows on the MMA's wide side."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        xt_cols = x_ptr + offs_m[None, :] * stride_xm
+        mask_x = offs_m[None, :] < M
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        k_begin = tl.program_id(1) * K_PER_SPLIT
+        k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
+        k_full = k_begin + (k_stop - k_begin) // BLOCK_K * BLOCK_K
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            k = k0 + offs_k
+            xt = tl.load(xt_cols + k[:, None], mask=mask_x, other=0.0)
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+            acc = _mma(w, xt, acc, DOT_F32)
+        if not EVEN_K:
+            k = k_full + offs_k
+            xt = tl.load(xt_cols + k[:, None], mask=mask_x & (k[:, None] < k_stop), other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
+            acc = _mma(w, xt, acc, DOT_F32)
+        _store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                    HAS_SCALE, HAS_BIAS)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemv expects x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"gemv handles at most {GEMV_MAX_M} rows, got {x.shape[0]}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"gemv activations must be bf16 or fp16, got {x.dtype}")
+    if w.dtype != FP8_DTYPE and w.dtype != x.dtype:
+        raise ValueError(f"16-bit weights must match the activations' dtype, got {w.dtype} and {x.dtype}")
+    if w.dtype == FP8_DTYPE and w_scale is None:
+        raise ValueError("fp8 weights need their per-output-channel w_scale [N, 1]")
+    if w_scale is not None and w_scale.numel() != w.shape[0]:
+        raise ValueError(f"w_scale needs one value per output row ({w.shape[0]}), got {tuple(w_scale.shape)}")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("gemv operands must be contiguous along K")
+
+
+def _check_config(cfg: GemvConfig) -> None:
+    sizes = (cfg.block_n, cfg.block_k) + ((cfg.chunk,) if cfg.chunk else ())
+    if cfg.kernel not in _KERNELS or any(s < 1 or s & (s - 1) for s in sizes) or cfg.block_k % max(cfg.chunk, 1):
+        raise ValueError(f"invalid gemv config {cfg}")
+    if cfg.kernel == "dot" and min(cfg.block_n, cfg.block_k) < 16:
+        raise ValueError(f"the dot kernel needs block_n and block_k >= 16, got {cfg}")
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (w [N, K] * w_scale)^T + bias for M <= 16, streaming w once (see the module docstring).
+
+    x: bf16/fp16, rows may be strided; w: x's dtype, or float8_e4m3fn with w_scale [N, 1] (or [N]) fp32; bias: [N].
+    out_dtype defaults to x's dtype. config overrides `gemv_config` (benchmarks).
+    """
+    _check(x, w, w_scale, bias)
+    out_dtype = out_dtype or x.dtype
+    if not can_use_triton(x):
+        return gemv_ref(x, w, w_scale, bias, out_dtype)
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or gemv_config(m, n, k, w.dtype)
+    _check_config(cfg)
+    tiles = cdiv(n, cfg.block_n)
+    split = cfg.split_k or auto_split_k(tiles, k, cfg.block_k, num_sms(x.device))
+    k_per_split = cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = cdiv(k, k_per_split)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = _split_counters(x.device, tiles) if split > 1 else out
+    scale = w_scale.reshape(-1).float() if w_scale is not None else out
+    args = (x, w, scale, bias if bias is not None else out, out, ws, counters, m, n, k, k_per_split, split,
+            x.stride(0), w.stride(0), out.stride(0))
+    flags = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    if cfg.kernel == "fma":
+        chunk = cfg.chunk or min(16 // w.element_size(), cfg.block_k)
+        _gemv_fma_kernel[(tiles, split)](*args, BLOCK_M=next_power_of_2(m), CHUNK=chunk, NUM_STAGES=cfg.num_stages,
+                                         **flags)
+    else:
+        _gemv_dot_kernel[(tiles, split)](*args, BLOCK_M=_DOT_M, DOT_F32=TRITON_INTERPRETED,
+                                         num_stages=cfg.num_stages, **flags)
+    return out
