@@ -14,6 +14,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -216,7 +217,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     ours, ceil = run_swiftlm(args.model, args, cfg)
     hf = {} if args.skip_hf else run_transformers(cfg, args)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The GPU machine gets a copy of the work tree without .git: pass SWIFTLM_COMMIT there.
+    commit = os.environ.get("SWIFTLM_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
               "command": " ".join(sys.argv), "model": args.model, "ceilings": ceil, "swiftlm": ours,

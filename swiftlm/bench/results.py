@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import platform
 import shutil
 import socket
@@ -69,7 +70,7 @@ def collect_environment() -> dict[str, Any]:
         "argv": list(sys.argv),
         "swiftlm": _swiftlm_version(),
         "triton": _version("triton"),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
+        "git_commit": os.environ.get("SWIFTLM_COMMIT") or _run(["git", "rev-parse", "--verify", "-q", "HEAD"]),
         "git_dirty": None,
         "gpus": [],
         "driver": None,

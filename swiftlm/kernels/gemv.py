@@ -11,8 +11,8 @@ Weights are bf16/fp16 (matching x), or float8_e4m3fn with one fp32 scale per out
 upcast in registers, activations stay 16-bit, the scale is applied in the epilogue; exact products, fp32 sums).
 
 Two kernels, both chosen per shape from `GEMV_CONFIGS` (filled from `benchmarks/bench_gemv.py` measurements):
-  * "fma": CUDA-core products. Each iteration reduces only within a thread's CHUNK consecutive k (one 16-byte vector
-    by default), so the cross-lane half of the K reduction happens once, after the loop;
+  * "fma": CUDA-core products. Each iteration reduces only within a thread's 16-byte weight vector (an FMA chain),
+    so the cross-lane half of the K reduction happens once, after the loop;
   * "dot": tensor cores on W_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16] (M padded to 16 on the MMA's narrow side).
 `gemv_ref` is the PyTorch twin (fp32 math, cast at the end); CPU tensors without the interpreter use it.
 """
@@ -41,8 +41,9 @@ class GemvConfig:
     kernel: "fma" or "dot" (see the module docstring). block_n / block_k: weight tile (powers of two; "dot" needs
     >= 16). split_k: K splits (programs = cdiv(N, block_n) * split_k); 0 picks one at launch that fills the GPU.
     num_stages: software-pipelining depth of the K loop (cp.async into shared memory); 1 = plain loads.
-    chunk ("fma" only): k elements summed per iteration inside a thread; 0 = one 16-byte vector of the weight;
-    chunk == block_k reduces the whole tile every iteration.
+    For "fma", block_k = 32 lanes * 16 bytes * num_warps (e.g. 1024 bf16 with 4 warps) puts the warps side by side
+    along K, so each x element is loaded by exactly one thread, straight into the layout the products need;
+    smaller block_k stacks warps along N and routes x through shared memory every iteration.
     """
 
     kernel: str
@@ -51,7 +52,6 @@ class GemvConfig:
     split_k: int
     num_warps: int
     num_stages: int
-    chunk: int = 0
 
 
 # (N, K, M bucket = next power of two of M, weight kind "bf16" | "fp8") -> config. 16-bit weights (bf16 or fp16)
@@ -70,10 +70,10 @@ def m_bucket(m: int) -> int:
 
 
 def _default_config(m: int, weight_dtype: torch.dtype) -> GemvConfig:
-    """Untuned fallback: CUDA cores while each weight element feeds few rows, tensor cores beyond; 512-byte K rows."""
+    """Untuned fallback: CUDA cores while each weight element feeds few rows, tensor cores beyond."""
     element = 1 if weight_dtype == FP8_DTYPE else 2
     if m <= 4:
-        return GemvConfig("fma", block_n=16, block_k=512 // element, split_k=0, num_warps=4, num_stages=1)
+        return GemvConfig("fma", block_n=8, block_k=2048 // element, split_k=0, num_warps=4, num_stages=1)
     return GemvConfig("dot", block_n=64, block_k=256 // element, split_k=0, num_warps=4, num_stages=4)
 
 
@@ -83,9 +83,9 @@ def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig
 
 
 def auto_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """Smallest power-of-two split giving >= 4 programs per SM while each split keeps >= 4 K tiles."""
+    """Smallest power-of-two split giving >= 4 programs per SM while each split keeps >= 2 K tiles."""
     split = 1
-    while tiles * split < 4 * sms and k >= 8 * split * block_k:
+    while tiles * split < 4 * sms and k >= 4 * split * block_k:
         split *= 2
     return split
 
@@ -152,16 +152,33 @@ if HAS_TRITON:
                 tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch / graph replay
 
     @triton.jit
-    def _fma_partial(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CHUNK: tl.constexpr):
-        """[BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] sums of x * w over CHUNK consecutive k. With CHUNK equal to a thread's
-        vector the sum stays in registers (no shuffles); the remaining lanes are reduced once, after the K loop."""
-        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        if CHUNK == BLOCK_K:
-            part = tl.sum(prod, axis=2, keep_dims=True)
-        else:
-            part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=3)
-        return part
+    def _chunk_sums(w, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        """[BLOCK_N, BLOCK_K // CHUNK] sums of w[n, k] * x[k] over CHUNK consecutive k (w: fp32 [BLOCK_N, BLOCK_K])."""
+        return tl.sum(tl.reshape(w * x.to(tl.float32)[None, :], (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
+
+    @triton.jit
+    def _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        """acc [BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] += chunk sums of x[m, k] * w[n, k] for every row m.
+
+        Everything is shaped from the 2-D weight tile, so the compiler keeps its load layout (16-byte vectors along
+        K per thread) and loads each x row straight into it. CHUNK is one such vector, so the sums are per-thread FMA
+        chains (no shuffles); the cross-lane part of the K reduction waits until after the loop. Each thread holds
+        all BLOCK_M accumulator rows, so the row select below is resolved at compile time.
+        """
+        w = w.to(tl.float32)
+        rows = tl.arange(0, BLOCK_M)[:, None, None]
+        for m in tl.static_range(BLOCK_M):
+            row_ok = tl.full([BLOCK_K], m, tl.int32) < M  # a splat: keeps the load vectorized
+            if TAIL:
+                row_ok = row_ok & (k < k_stop)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=row_ok, other=0.0)
+            part = _chunk_sums(w, x, BLOCK_N, BLOCK_K, CHUNK)[None, :, :]
+            if BLOCK_M == 1:
+                acc += part
+            else:
+                acc = tl.where(rows == m, acc + part, acc)
+        return acc
 
     @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
@@ -169,11 +186,8 @@ if HAS_TRITON:
                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
         """Program (column tile, K split): CUDA-core dot products of all M rows with its weight rows."""
-        offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        mask_x = offs_m[:, None] < M
         # Rows past N re-read row n % N (unmasked, vectorized loads); their results are never stored.
         w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
         k_begin = tl.program_id(1) * K_PER_SPLIT
@@ -182,17 +196,14 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
-            x = tl.load(x_rows + k[None, :], mask=mask_x, other=0.0)
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            acc += _fma_partial(x, w, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+            acc = _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
         if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
             k = k_full + offs_k
-            mask_k = k[None, :] < k_stop
-            x = tl.load(x_rows + k[None, :], mask=mask_x & mask_k, other=0.0)
-            w = tl.load(w_rows + k[None, :], mask=mask_k, other=0.0)
-            acc += _fma_partial(x, w, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
-        _store_tile(tl.sum(acc, axis=2), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                    stride_om, HAS_SCALE, HAS_BIAS)
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
+            acc = _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+        _store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
+                    cnt_ptr, stride_om, HAS_SCALE, HAS_BIAS)
 
     @triton.jit
     def _mma(w, xt, acc, DOT_F32: tl.constexpr):
@@ -254,8 +265,8 @@ def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias:
 
 
 def _check_config(cfg: GemvConfig) -> None:
-    sizes = (cfg.block_n, cfg.block_k) + ((cfg.chunk,) if cfg.chunk else ())
-    if cfg.kernel not in _KERNELS or any(s < 1 or s & (s - 1) for s in sizes) or cfg.block_k % max(cfg.chunk, 1):
+    sizes = (cfg.block_n, cfg.block_k)
+    if cfg.kernel not in _KERNELS or any(s < 1 or s & (s - 1) for s in sizes) or cfg.split_k < 0:
         raise ValueError(f"invalid gemv config {cfg}")
     if cfg.kernel == "dot" and min(cfg.block_n, cfg.block_k) < 16:
         raise ValueError(f"the dot kernel needs block_n and block_k >= 16, got {cfg}")
@@ -291,7 +302,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     flags = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
     if cfg.kernel == "fma":
-        chunk = cfg.chunk or min(16 // w.element_size(), cfg.block_k)
+        chunk = min(16 // w.element_size(), cfg.block_k)  # one 16-byte weight vector per thread
         _gemv_fma_kernel[(tiles, split)](*args, BLOCK_M=next_power_of_2(m), CHUNK=chunk, NUM_STAGES=cfg.num_stages,
                                          **flags)
     else:

@@ -1,0 +1,151 @@
+"""Decode GEMV (swiftlm.kernels.gemv): both Triton kernels vs gemv_ref, the split-K fix-up, configs, input checks.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set before triton is imported), so shapes stay small and
+configs are forced to small tiles so that cases cover several column tiles, ragged N and K, and K splits. The
+interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest), so exactness is checked on fp32 outputs and
+16-bit outputs are checked to within one unit in the last place.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from swiftlm.kernels import gemv as gk  # noqa: E402
+from swiftlm.kernels.gemv import GemvConfig  # noqa: E402
+from swiftlm.kernels.quant import FP8_DTYPE, quantize_weight_fp8_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (gk.HAS_TRITON and (CUDA or gk.TRITON_INTERPRETED)),
+                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
+
+FMA = GemvConfig("fma", block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2)
+DOT = GemvConfig("dot", block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2)
+N, K = 40, 328  # 3 column tiles, the last ragged; 5 full K tiles and a ragged one
+
+
+def operands(m: int, n: int, k: int, weight: str, seed: int = 0, act: torch.dtype = torch.bfloat16
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x [m, k], w [n, k] (16-bit, or e4m3 with per-row scales spanning 1000x), w_scale, bias."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(act)
+    w = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    bias = torch.randn(n, generator=gen).to(act)
+    if weight == "fp8":
+        wq, scale = quantize_weight_fp8_ref(w * torch.logspace(-1.5, 1.5, n)[:, None])
+        return x.to(DEVICE), wq.to(DEVICE), scale.to(DEVICE), bias.to(DEVICE)
+    return x.to(DEVICE), w.to(act).to(DEVICE), None, bias.to(DEVICE)
+
+
+def assert_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 outputs: only the summation order differs from the reference."""
+    assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def assert_within_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    ulp = torch.finfo(out.dtype).eps * ref.float().abs().clamp(min=torch.finfo(out.dtype).tiny)
+    assert torch.all((out.float() - ref.float()).abs() <= ulp * 1.01)
+
+
+def test_reference_applies_one_scale_per_output_row() -> None:
+    x, wq, scale, bias = operands(3, N, K, "fp8")
+    expected = x.float() @ (wq.float() * scale.float()).t() + bias.float()
+    torch.testing.assert_close(gk.gemv_ref(x, wq, scale, bias, torch.float32), expected, rtol=1e-6, atol=1e-5)
+    assert gk.gemv_ref(x, wq, scale).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+@pytest.mark.parametrize("weight", ["bf16", "fp8"])
+@pytest.mark.parametrize("m,split", [(1, 1), (2, 3), (3, 1), (5, 2), (8, 3)])
+def test_kernels_match_reference(config: GemvConfig, weight: str, m: int, split: int) -> None:
+    x, w, scale, bias = operands(m, N, K, weight, seed=m)
+    cfg = GemvConfig(config.kernel, config.block_n, config.block_k, split, config.num_warps, config.num_stages)
+    out = gk.gemv(x, w, scale, bias, out_dtype=torch.float32, config=cfg)
+    assert_exact(out, gk.gemv_ref(x, w, scale, bias, torch.float32))
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_sixteen_rows_fp16_and_16bit_output(config: GemvConfig) -> None:
+    x, w, scale, bias = operands(16, N, K, "fp8", act=torch.float16)
+    out = gk.gemv(x, w, scale, bias, config=config)
+    assert_within_one_ulp(out, gk.gemv_ref(x, w, scale, bias))
+    x, w, _, _ = operands(16, N, K, "fp16", act=torch.float16)
+    assert_exact(gk.gemv(x, w, out_dtype=torch.float32, config=config), gk.gemv_ref(x, w, out_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_split_k_is_deterministic_and_leaves_counters_zeroed(config: GemvConfig) -> None:
+    split = GemvConfig(config.kernel, config.block_n, config.block_k, 4, config.num_warps, config.num_stages)
+    x, w, scale, bias = operands(4, N, 512, "fp8")
+    first = gk.gemv(x, w, scale, bias, out_dtype=torch.float32, config=split)
+    assert not any(buf.any() for buf in gk._COUNTERS[x.device])
+    # The second launch finds the counters the first one reset; a different input proves it recomputes.
+    x2 = -2 * x
+    second = gk.gemv(x2, w, scale, bias, out_dtype=torch.float32, config=split)
+    again = gk.gemv(x, w, scale, bias, out_dtype=torch.float32, config=split)
+    assert torch.equal(first, again)
+    assert_exact(second, gk.gemv_ref(x2, w, scale, bias, torch.float32))
+    unsplit = gk.gemv(x, w, scale, bias, out_dtype=torch.float32, config=config)
+    assert_exact(first, unsplit)
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_strided_rows_and_partial_last_tile(config: GemvConfig) -> None:
+    wide, w, _, _ = operands(3, 37, 2 * K, "bf16")
+    x = wide[:, :K]  # row stride 2K, e.g. a slice of a fused activation
+    w = w[:, :K].contiguous()
+    out = gk.gemv(x, w, out_dtype=torch.float32, config=config)
+    assert out.shape == (3, 37)
+    assert_exact(out, gk.gemv_ref(x, w, out_dtype=torch.float32))
+
+
+def test_default_configs_and_table_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    n, k = 4096, 4096
+    assert gk.gemv_config(1, n, k, torch.bfloat16).kernel == "fma"
+    assert gk.gemv_config(16, n, k, FP8_DTYPE).kernel == "dot"
+    for m in (1, 2, 4, 8, 16):
+        for dtype in (torch.bfloat16, FP8_DTYPE):
+            cfg = gk.gemv_config(m, n, k, dtype)
+            assert cfg.block_k * (1 if dtype == FP8_DTYPE else 2) in (256, 2048)  # bytes per weight row tile
+    tuned = GemvConfig("dot", block_n=16, block_k=64, split_k=2, num_warps=4, num_stages=3)
+    monkeypatch.setitem(gk.GEMV_CONFIGS, (N, K, 4, "fp8"), tuned)
+    assert gk.gemv_config(3, N, K, FP8_DTYPE) == tuned  # M=3 falls in the M<=4 bucket
+    assert gk.gemv_config(5, N, K, FP8_DTYPE) != tuned
+    assert gk.gemv_config(3, N, K, torch.bfloat16) != tuned
+    x, w, scale, bias = operands(3, N, K, "fp8")
+    assert_exact(gk.gemv(x, w, scale, bias, out_dtype=torch.float32), gk.gemv_ref(x, w, scale, bias, torch.float32))
+
+
+def test_auto_split_fills_the_gpu_but_keeps_k_tiles() -> None:
+    sms = 132
+    assert gk.auto_split_k(tiles=512, k=4096, block_k=1024, sms=sms) == 2  # 1024 programs, 2 tiles per split
+    assert gk.auto_split_k(tiles=64, k=12288, block_k=128, sms=sms) == 16  # 64 * 16 >= 4 * 132
+    assert gk.auto_split_k(tiles=19_000, k=4096, block_k=1024, sms=sms) == 1  # LM head: already thousands
+    assert gk.auto_split_k(tiles=8, k=256, block_k=128, sms=sms) == 1  # too short to split
+
+
+def test_zero_rows_and_bad_inputs() -> None:
+    x, w, scale, _ = operands(2, N, K, "fp8")
+    assert gk.gemv(x[:0], w, scale).shape == (0, N)
+    with pytest.raises(ValueError, match="at most 16"):
+        gk.gemv(torch.zeros(17, K, dtype=torch.bfloat16, device=DEVICE), w, scale)
+    with pytest.raises(ValueError, match="w_scale"):
+        gk.gemv(x, w)
+    with pytest.raises(ValueError, match="one value per output row"):
+        gk.gemv(x, w, scale[:-1])
+    with pytest.raises(ValueError, match="must match"):
+        gk.gemv(x.half(), w.float().to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"x \[M, K\]"):
+        gk.gemv(x[:, :-1], w, scale)
+    with pytest.raises(ValueError, match="invalid gemv config"):
+        gk.gemv(x, w, scale, config=GemvConfig("fma", 24, 64, 1, 4, 1))
+    with pytest.raises(ValueError, match=">= 16"):
+        gk.gemv(x, w, scale, config=GemvConfig("dot", 8, 64, 1, 4, 1))
