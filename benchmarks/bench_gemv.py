@@ -96,7 +96,7 @@ def layouts(kernel: str, dtype: str, k: int, bm: int, quick: bool) -> list[tuple
     for block_n, row_bytes, warps, stages in (QUICK_FMA if quick else FMA_LAYOUTS) if kernel == "fma" else \
             (QUICK_DOT if quick else DOT_LAYOUTS):
         block_k = row_bytes // element
-        if block_k > k:
+        if block_k > k or block_n * element < 2 * bm:  # x rows would outweigh the weight tile in L1/L2 traffic
             continue
         if kernel == "fma" and fma_regs(block_n, row_bytes, warps, element, bm) > MAX_FMA_REGS:
             continue
@@ -159,12 +159,13 @@ def compile_job(job: tuple[str, str, int, int, int, int, int]) -> tuple[tuple, s
         gk.gemv(x, w, scale, config=GemvConfig(kernel, block_n, block_k, 1, warps, stages))
         torch.cuda.synchronize()
         return job, None
-    except Exception as exc:  # noqa: BLE001 - any failure just removes the variant
+    except Exception as exc:  # noqa: BLE001 - reported; the main process retries all but OutOfResources
         return job, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def precompile(jobs: list[tuple], workers: int, timeout_s: float) -> dict[tuple, str]:
-    """Compile jobs in `workers` processes; returns {job: error}. Unfinished jobs compile lazily later."""
+    """Compile jobs in `workers` processes; returns {job: error}. Unfinished or failed jobs compile again on first
+    use in this process (a worker's failure may be its own), except OutOfResources, which is the kernel's."""
     if workers < 1 or not jobs:
         return {}
     start = time.perf_counter()
@@ -304,22 +305,29 @@ def fmt(value: float | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+HEADER = (f"{'shape':11} {'N':>6} {'K':>5} {'M':>2} {'dtype':5}| {'best us':>7} {'GB/s':>5} {'%pk':>3} "
+          f"{'best config':34}| {'fma':>6} {'dot':>6} | {'cur us':>6} | {'baseline':9} {'us':>6} {'speedup':>7} | "
+          f"fp8 extras (us) | ok/tried")
+
+
 def case_line(case: dict, peak: float) -> str:
+    """One row of HEADER: best variant, the current config, and the baseline(s) for this case."""
     best = case.get("best") or {}
     base = case["baselines"]
-    if case["dtype"] == "bf16":
-        ref_name, ref_us = "cuBLAS", base.get("cublas", {}).get("us")
-        extra = ""
-    else:
-        ref_name, ref_us = "scaled_mm", base.get("scaled_mm", {}).get("us")
-        extra = (f" quant+mm {fmt(base.get('quant+mm', {}).get('us'), '.1f', 6)} sl_fp8 "
-                 f"{fmt(base.get('sl_fp8', {}).get('us'), '.1f', 6)} bf16-cuBLAS {fmt(case.get('bf16_cublas_us'), '.1f', 6)}")
+    base_us = {name: entry.get("us") for name, entry in base.items()}
+    ref_name = "cuBLAS" if case["dtype"] == "bf16" else "scaled_mm"
+    ref_us = base_us.get("cublas" if case["dtype"] == "bf16" else "scaled_mm")
+    extra = "" if case["dtype"] == "bf16" else (
+        f"quant+mm {fmt(base_us.get('quant+mm'), '.1f', 5)} sl_fp8 {fmt(base_us.get('sl_fp8'), '.1f', 5)} "
+        f"bf16-cuBLAS {fmt(case.get('bf16_cublas_us'), '.1f', 5)}")
     bw = gbps(case["bytes"], best.get("us"))
-    speed = None if not best.get("us") or not ref_us else ref_us / best["us"]
-    return (f"{case['shape']:11} N={case['n']:<6} K={case['k']:<5} M={case['m']:<2} {case['dtype']:4} | best "
-            f"{fmt(best.get('us'), '.1f', 6)} us {fmt(bw, '.0f', 5)} GB/s {fmt(None if bw is None else 100 * bw / peak, '.0f', 3)}% "
-            f"{best.get('label', '-'):34} | current {fmt(case['current'].get('us'), '.1f', 6)} | {ref_name} "
-            f"{fmt(ref_us, '.1f', 6)} -> {fmt(speed, '.2f', 5)}x{extra} | {case['ok']}/{case['tried']} ok")
+    pct = None if bw is None else 100 * bw / peak
+    speedup = ref_us / best["us"] if best.get("us") and ref_us else None
+    return (f"{case['shape']:11} {case['n']:>6} {case['k']:>5} {case['m']:>2} {case['dtype']:5}| "
+            f"{fmt(best.get('us'), '.1f', 7)} {fmt(bw, '.0f', 5)} {fmt(pct, '.0f', 3)} {best.get('label', '-'):34}| "
+            f"{fmt(case['best_us']['fma'], '.1f', 6)} {fmt(case['best_us']['dot'], '.1f', 6)} | "
+            f"{fmt(case['current'].get('us'), '.1f', 6)} | {ref_name:9} {fmt(ref_us, '.1f', 6)} "
+            f"{fmt(speedup, '.2f', 6)}x | {extra} | {case['ok']}/{case['tried']}")
 
 
 def config_literal(cases: list[dict]) -> str:
@@ -366,10 +374,13 @@ def main() -> int:
     current = {case: current_config(SHAPES[case[0]][0], SHAPES[case[0]][1], case[1], case[2]) for case in todo}
     jobs = sorted({job_of(cfg, case[2], case[1]) for case, cfgs in plans.items() for cfg in cfgs + [current[case]]})
     failed_jobs = precompile(jobs, args.workers, timeout_s=0.45 * args.budget_s)
+    print(f"{len(todo)} cases, {sum(len(v) for v in plans.values())} variants, {len(jobs)} kernels; sweep starts at "
+          f"{time.perf_counter() - t0:.0f} s. fma/dot = best of each kernel; cur = current config (gemv_config)")
+    print(HEADER, flush=True)
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     weights = {(name, dtype): make_weights(SHAPES[name][0], SHAPES[name][1], dtype, gen)
-               for name, _, dtype in todo}
+               for name, dtype in dict.fromkeys((name, dtype) for name, _, dtype in todo)}
     cases, rows, cublas = [], [], {}
     for name, m, dtype in todo:
         n, k, _ = SHAPES[name]
@@ -385,15 +396,17 @@ def main() -> int:
         results = [case["current"]]
         over_budget = time.perf_counter() - t0 > args.budget_s
         for cfg in [] if over_budget else plans[(name, m, dtype)]:
-            err = failed_jobs.get(job_of(cfg, dtype, m))
-            results.append(dict(config=dataclasses.asdict(cfg), label=label(cfg), error=f"compile: {err}") if err
-                           else run_variant(cfg, x, wts, ref, args.variant_s))
+            err = failed_jobs.get(job_of(cfg, dtype, m), "")
+            results.append(dict(config=dataclasses.asdict(cfg), label=label(cfg), error=err)
+                           if err.startswith("OutOfResources") else run_variant(cfg, x, wts, ref, args.variant_s))
         for r in results:
             r.update(shape=name, n=n, k=k, m=m, dtype=dtype, gbps=gbps(wts.bytes, r.get("us")))
         rows += results
         timed = [r for r in results if r.get("us")]
         case.update(tried=len(results), ok=len(timed), swept=not over_budget,
-                    best=min(timed, key=lambda r: r["us"]) if timed else None)
+                    best=min(timed, key=lambda r: r["us"]) if timed else None,
+                    best_us={kind: min((r["us"] for r in timed if r["config"]["kernel"] == kind), default=None)
+                             for kind in ("fma", "dot")})
         cases.append(case)
         print(case_line(case, args.peak_gbps) + ("" if case["swept"] else "  [budget spent: current config only]"),
               flush=True)
@@ -402,13 +415,14 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     failures = [r for r in rows if r.get("error")]
     print(f"\n==== summary ({elapsed:.0f} s; {len(rows)} variants run, {len(failures)} failed/rejected; "
-          f"GB/s = weight bytes / time vs {args.peak_gbps:.0f}; speedup = baseline us / best us) ====")
+          f"GB/s = weight bytes / time, %pk of {args.peak_gbps:.0f}; cur = current config; speedup = baseline / best; "
+          f"fp8 extras: quant+mm = per-token quant + scaled_mm, sl_fp8 = swiftlm fp8_linear today) ====")
+    print(HEADER)
     for case in sorted(cases, key=lambda c: (c["dtype"], list(SHAPES).index(c["shape"]), c["m"])):
         print(case_line(case, args.peak_gbps))
     kinds: dict[str, int] = {}
     for r in failures:
-        key = r["error"].split(":")[0] if not r["error"].startswith("compile") else "compile"
-        kinds[key] = kinds.get(key, 0) + 1
+        kinds[r["error"].split(":")[0]] = kinds.get(r["error"].split(":")[0], 0) + 1
     if failures:
         print(f"failures by kind: {kinds}; e.g. {failures[0]['label']}: {failures[0]['error']}")
     print("\n# paste into swiftlm/kernels/gemv.py (keys: N, K, M bucket, weight kind):")

@@ -22,8 +22,8 @@ import dataclasses
 
 import torch
 
-from swiftlm.kernels.quant import FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, next_power_of_2, \
-    num_sms
+from swiftlm.kernels.quant import (FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv,
+                                   next_power_of_2, num_sms)
 
 if HAS_TRITON:
     import triton
@@ -98,6 +98,7 @@ _MIN_COUNTERS = 1 << 14
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed counter buffer for `device` with at least `tiles` slots (allocated on first need, then reused)."""
     buffers = _COUNTERS.setdefault(device, [])
     if not buffers or buffers[-1].numel() < tiles:
         buffers.append(torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device))
