@@ -14,17 +14,14 @@ multiply per element.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-try:
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs (e.g. macOS) run the references.
-    HAS_TRITON = False
 
 __all__ = [
     "decode_num_splits",
@@ -34,8 +31,6 @@ __all__ = [
     "paged_prefill_attention_ref",
 ]
 
-# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
-TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -64,10 +59,6 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
@@ -410,7 +401,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
-    if not _use_triton(q):
+    if not can_use_triton(q):
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out, k_scale, v_scale)
     if batch == 0:
         return out
@@ -469,7 +460,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
-    if not _use_triton(q):
+    if not can_use_triton(q):
         return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                            max_seqlen_q, out, k_scale, v_scale)
     batch = cu_seqlens_q.numel() - 1

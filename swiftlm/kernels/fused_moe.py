@@ -30,19 +30,16 @@ Triton on CUDA tensors, and on CPU tensors only when the kernels were built unde
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs (e.g. macOS) run the references.
-    HAS_TRITON = False
 
 __all__ = [
     "LOW_LATENCY_MAX_PAIRS",
@@ -56,18 +53,12 @@ __all__ = [
     "route_ref",
 ]
 
-# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
-TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
 FP8_DTYPE = torch.float8_e4m3fn
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used off-GPU (interpreter) so tile choices match the GPU.
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program; H100 has 227 KB, leave room for the epilogue
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +103,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):
         raise ValueError(f"expert_counts must be [{num_experts}] int64")
-    if not _use_triton(router_logits):
+    if not can_use_triton(router_logits):
         weights, ids = route_ref(router_logits, top_k, renormalize)
         if expert_counts is not None:
             flat = ids.reshape(-1).long()
@@ -307,7 +298,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     graph: no host syncs, and every launch's grid depends only on shapes.
     """
     _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    if not _use_triton(x):
+    if not can_use_triton(x):
         return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape

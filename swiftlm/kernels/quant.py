@@ -9,17 +9,14 @@ Every kernel has a `*_ref` PyTorch twin with the same semantics (fp32 math, cast
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-try:
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs (e.g. macOS) run the references.
-    HAS_TRITON = False
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -31,14 +28,7 @@ FP8_GEMM_DISPATCH: dict[str, int] = {"triton_small_m_max": 16, "triton_large_m_m
 _SMALL_M_LIMIT = 64
 FP8_BACKENDS = ("triton_small", "triton_large", "scaled_mm", "torch")
 
-# Kernels are decorated once at import, so whether they are interpreted is fixed then too.
-TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8_PRE_ROUND = TRITON_INTERPRETED  # see `to_fp8`
-
-
-def can_use_triton(t: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, or on CPU tensors when built under TRITON_INTERPRET=1 (tests)."""
-    return HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)
 
 
 def cdiv(a: int, b: int) -> int:
