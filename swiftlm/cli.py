@@ -31,6 +31,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, help="fp8: quantize a bf16 checkpoint to FP8 at load time")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
     g.add_argument("--revision", default=None)
+    g.add_argument("--expert-stats", action="store_true", help="count tokens routed to each MoE expert")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

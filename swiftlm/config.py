@@ -34,6 +34,7 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
+    expert_stats: bool = False
     revision: str | None = None
     extra: dict = field(default_factory=dict)
 

@@ -6,6 +6,8 @@ import os
 import random
 import time
 
+import torch
+
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator
 from swiftlm.engine.model_runner import ModelRunner
@@ -128,6 +130,19 @@ class LLMEngine:
                            num_preemptions=self.scheduler.num_preemptions,
                            prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total)
+
+    def expert_load(self, reset: bool = False) -> torch.Tensor:
+        """Tokens routed to each expert, `[num_layers, num_experts]` on the host (dense layers are zero rows).
+
+        Needs `expert_stats=True`. Decode batches padded up to a CUDA-graph size count their padding rows too.
+        """
+        model = self.model_runner.model
+        if not self.config.expert_stats:
+            raise ValueError("expert statistics are off: create the engine with expert_stats=True")
+        counts = model.expert_stats().cpu()
+        if reset:
+            model.reset_expert_stats()
+        return counts
 
     def model_weight_bytes(self) -> int:
         model = self.model_runner.model

@@ -70,6 +70,10 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         start = time.perf_counter()
         self.model = self._load_model(hf_config, model_path, max_model_len)
+        if config.expert_stats:  # before graph capture, so the graphs count too
+            if not hasattr(self.model, "enable_expert_stats"):
+                raise ValueError("expert_stats needs a mixture-of-experts model")
+            self.model.enable_expert_stats()
         self.hf_config = hf_config
         self.vocab_size = self.model.config.vocab_size
         self.attn_layers = self.model.attention_layers()

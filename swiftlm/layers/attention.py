@@ -74,35 +74,50 @@ def rope_and_store_kv(attn: "Attention", positions: torch.Tensor, q: torch.Tenso
     meta = get_forward_context()
     if q.is_cuda:
         return rope.rope_qk_norm_cache(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
-                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
+                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps, attn.k_scale,
+                                       attn.v_scale)
     return rope.rope_qk_norm_cache_ref(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
-                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
+                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps, attn.k_scale,
+                                       attn.v_scale)
 
 
 class Attention(nn.Module):
-    """Attention over the paged KV cache. The runner binds `k_cache`/`v_cache` after allocating them."""
+    """Attention over the paged KV cache. The runner binds `k_cache`/`v_cache` after allocating them.
+
+    `k_scale`/`v_scale` are the per-tensor scales of an FP8 cache (stored value = x / scale): 1.0 unless the
+    checkpoint provides them; a 16-bit cache ignores them.
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def _cache_scales(self) -> dict[str, float]:
+        assert self.k_cache is not None
+        if self.k_cache.dtype.itemsize == 1:
+            return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        return {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already in the cache) -> [T, Hq, D]."""
         meta = get_forward_context()
+        scales = self._cache_scales()
         if meta.decode_only:
             if q.is_cuda:
                 return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                      meta.seq_lens, self.scale, meta.decode_num_splits)
+                                                      meta.seq_lens, self.scale, meta.decode_num_splits, **scales)
             return kernels.paged_decode_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                      meta.seq_lens, self.scale)
+                                                      meta.seq_lens, self.scale, **scales)
         if q.is_cuda and meta.fresh_prefill_lens is not None:
             return self._fresh_prefill(q, k, v, meta.fresh_prefill_lens)
         fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if meta.padded_tokens else None
         return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                  meta.max_seqlen_q, out)
+                  meta.max_seqlen_q, out, **scales)
 
     def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """Prompts with no cached prefix: causal attention per sequence on the new K/V (cuDNN first)."""

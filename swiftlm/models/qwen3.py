@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -20,6 +21,10 @@ from swiftlm.layers.norm import RMSNorm
 from swiftlm.layers.rotary import RotaryEmbedding
 
 QuantFor = Callable[[str], "LinearMethod | None"]
+
+# Per-tensor FP8 KV-cache scales as checkpoints store them (`self_attn.k_scale`, or `k_proj.output_scale`).
+_KV_SCALE = re.compile(r"^(?P<layer>model\.layers\.\d+)\.self_attn\.(?:(?P<kind>[kv])_scale|"
+                       r"(?P<proj>[kv])_proj\.output_scale)$")
 
 
 def _no_quant(prefix: str) -> None:
@@ -181,6 +186,12 @@ class Qwen3ForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.config.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            kv_scale = _KV_SCALE.match(name)
+            if kv_scale is not None:
+                attn = self.get_submodule(f"{kv_scale['layer']}.self_attn.attn")
+                kind = kv_scale["kind"] or kv_scale["proj"]
+                setattr(attn, f"{kind}_scale", float(tensor.float().reshape(-1)[0]))
                 continue
             target, shard = self._map_name(name)
             if target not in params:
