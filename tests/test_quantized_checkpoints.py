@@ -145,3 +145,16 @@ def test_fp8_checkpoint_missing_scale_is_an_error(base, tmp_path) -> None:
     path = _rewrite(base, str(tmp_path / "noscale"), FP8_DYNAMIC, no_scale)
     with pytest.raises(ValueError, match="lacks weights"):
         LLM(path)
+
+
+def test_fp8_moe_checkpoint_equals_online_fp8(tmp_path) -> None:
+    """Per-expert FP8 weights and scales stream into the stacked expert tensors: the same quantization made
+    online from the 16-bit experts gives the same logits."""
+    moe = make_random_checkpoint(tiny_config("qwen3_moe", hidden_size=128, num_attention_heads=4, head_dim=32),
+                                 str(tmp_path / "moe"), dtype="float32", seed=4)
+    fp8_ignoring_router = {**FP8_DYNAMIC, "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    ckpt = _last_logits(_rewrite(moe, str(tmp_path / "moe-fp8"), fp8_ignoring_router, _fp8), PROMPT)
+    online = _last_logits(moe, PROMPT, quantization="fp8")
+    full = _last_logits(moe, PROMPT)
+    assert _rel(online, ckpt) < 1e-5
+    assert _rel(ckpt, full) > 1e-4

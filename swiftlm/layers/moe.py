@@ -46,12 +46,13 @@ class Fp8MoeMethod(MoeQuantMethod):
 
 
 def moe_quant_method(name: str | None) -> MoeQuantMethod:
-    """None/"none" -> unquantized; "fp8" -> online FP8 PTPC."""
-    if name in (None, "none"):
+    """None/"none" -> unquantized; "fp8" -> online FP8 PTPC; "fp8-checkpoint" -> FP8 experts as stored in a
+    compressed-tensors FP8-dynamic checkpoint (loaded as they are, nothing to do afterwards)."""
+    if name in (None, "none", "fp8-checkpoint"):
         return MoeQuantMethod()
     if name == "fp8":
         return Fp8MoeMethod()
-    raise ValueError(f"unsupported MoE quantization {name!r} (supported: fp8)")
+    raise ValueError(f"unsupported MoE quantization {name!r} (supported: fp8, fp8-checkpoint)")
 
 
 class FusedMoE(nn.Module):
@@ -69,34 +70,46 @@ class FusedMoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.local_intermediate = intermediate_size // tp_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.local_intermediate, hidden_size, dtype=dtype),
+        stored = FP8_DTYPE if quant == "fp8-checkpoint" else dtype
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.local_intermediate, hidden_size, dtype=stored),
                                        requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.local_intermediate, dtype=dtype),
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.local_intermediate, dtype=stored),
                                       requires_grad=False)
-        for param in (self.w13_weight, self.w2_weight):
-            set_weight_attrs(param, weight_loader=self.weight_loader)
-        self.register_parameter("w13_scale", None)  # fp8: [E, 2I, 1] and [E, H, 1], set after loading
-        self.register_parameter("w2_scale", None)
+        # FP8 scales per (expert, output channel): [E, 2I, 1] and [E, H, 1]; from the checkpoint, or made by online
+        # quantization after loading.
+        if quant == "fp8-checkpoint":
+            self.w13_scale = nn.Parameter(torch.empty(num_experts, 2 * self.local_intermediate, 1), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(num_experts, hidden_size, 1), requires_grad=False)
+        else:
+            self.register_parameter("w13_scale", None)
+            self.register_parameter("w2_scale", None)
+        for param in (self.w13_weight, self.w2_weight, self.w13_scale, self.w2_scale):
+            if param is not None:
+                set_weight_attrs(param, weight_loader=self.weight_loader)
         self.quant_method = moe_quant_method(quant)
         self.expert_counts: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard: str) -> None:
-        """Copy one expert's checkpoint tensor (`gate`/`up`: `[I, H]`, `down`: `[H, I]`, unsharded) into this
-        rank's slice of the stacked parameter."""
+        """Copy one expert's checkpoint tensor (`gate`/`up`: `[I, H]`, `down`: `[H, I]`, unsharded; their FP8
+        scales `[I, 1]` / `[H, 1]`) into this rank's slice of the stacked parameter."""
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"expert id {expert_id} out of range [0, {self.num_experts})")
         full, local = self.intermediate_size, self.local_intermediate
+        is_scale = param is not None and (param is self.w13_scale or param is self.w2_scale)
         if shard in ("gate", "up"):
-            expected, split_dim, target = (full, self.hidden_size), 0, self.w13_weight
+            expected, split_dim = (full, 1 if is_scale else self.hidden_size), 0
+            target = self.w13_scale if is_scale else self.w13_weight
         elif shard == "down":
-            expected, split_dim, target = (self.hidden_size, full), 1, self.w2_weight
+            expected, split_dim = ((self.hidden_size, 1), None) if is_scale else ((self.hidden_size, full), 1)
+            target = self.w2_scale if is_scale else self.w2_weight
         else:
             raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
         if param is not target:
-            raise ValueError(f"shard {shard!r} belongs to {'w13_weight' if split_dim == 0 else 'w2_weight'}")
+            owner = ("w2" if shard == "down" else "w13") + ("_scale" if is_scale else "_weight")
+            raise ValueError(f"shard {shard!r} belongs to {owner}")
         if tuple(loaded.shape) != expected:
             raise ValueError(f"expert {expert_id} {shard}: checkpoint shape {tuple(loaded.shape)}, expected {expected}")
-        source = loaded.narrow(split_dim, self.tp_rank * local, local)
+        source = loaded if split_dim is None else loaded.narrow(split_dim, self.tp_rank * local, local)
         rows = param.data[expert_id]
         if shard != "down":
             rows = rows.narrow(0, 0 if shard == "gate" else local, local)

@@ -21,7 +21,8 @@ from swiftlm.layers.linear import ReplicatedLinear
 from swiftlm.layers.moe import FusedMoE
 from swiftlm.models.qwen3 import QuantFor, Qwen3ForCausalLM, QwenDecoderLayer, QwenModel
 
-_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<shard>gate|up|down)_proj\.weight$")
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<shard>gate|up|down)_proj\."
+                            r"(?P<kind>weight|weight_scale)$")
 
 
 @dataclass
@@ -57,6 +58,8 @@ def _moe_quant(quant_for: QuantFor, prefix: str) -> str | None:
     method = quant_for(prefix)
     if method is None:
         return None
+    if getattr(method, "checkpoint_fp8", False):
+        return "fp8-checkpoint"
     name = getattr(method, "quant_name", None)
     if name is None:
         raise ValueError(f"{type(method).__name__} has no fused-MoE counterpart for {prefix}")
@@ -107,7 +110,8 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
                     yield name, tensor
                     continue
                 expert, shard = int(match["expert"]), match["shard"]
-                target = f"{match['prefix']}.{'w2' if shard == 'down' else 'w13'}_weight"
+                suffix = "scale" if match["kind"] == "weight_scale" else "weight"
+                target = f"{match['prefix']}.{'w2' if shard == 'down' else 'w13'}_{suffix}"
                 if target not in params:
                     raise KeyError(f"checkpoint tensor {name!r} has no matching parameter ({target!r})")
                 param = params[target]
@@ -116,7 +120,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
 
         loaded = super().load_weights(dense_only())
         for target, shards in seen.items():
-            per_expert = 1 if target.endswith("w2_weight") else 2
+            per_expert = 1 if ".w2_" in target else 2
             if len(shards) == per_expert * self.moe_config.num_experts:
                 loaded.add(target)
         return loaded
