@@ -4,6 +4,8 @@
 #   part "bench": time from `swiftlm serve` start to a healthy /health, a concurrency sweep (1024 in / 256 out)
 #   and a 1000-user reliability run.
 # Usage: bash benchmarks/device_serve.sh tests|bench OUT_DIR
+# Wheels: `../shared/device/wheels.sh openai jiter distro sniffio` here (the tests need the openai client),
+# then carry .whl and install it first, as ../shared/device/README.md says.
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
