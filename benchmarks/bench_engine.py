@@ -30,7 +30,7 @@ def measure_ceilings() -> dict:
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
     bw = 2 * n / (ms * 1e-3)
-    del a, b
+    a = b = None
     m = 8192
     x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
@@ -143,9 +143,6 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, 
     res.update(throughput_elapsed_s=elapsed, throughput_output_tok_s=out_tokens / elapsed,
                throughput_total_tok_s=(out_tokens + 1024 * len(prompts)) / elapsed,
                throughput_num_prompts=len(prompts), preemptions=engine.scheduler.num_preemptions)
-    del llm, engine
-    gc.collect()
-    torch.cuda.empty_cache()
     return res, ceil
 
 
@@ -216,6 +213,8 @@ def main() -> None:
         cfg = json.load(f)
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     ours, ceil = run_swiftlm(args.model, args, cfg)
+    gc.collect()  # the engine is unreachable once run_swiftlm returned; free its memory for transformers
+    torch.cuda.empty_cache()
     hf = {} if args.skip_hf else run_transformers(cfg, args)
     # The GPU machine gets a copy of the work tree without .git: pass SWIFTLM_COMMIT there.
     commit = os.environ.get("SWIFTLM_COMMIT") or subprocess.run(
