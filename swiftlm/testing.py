@@ -334,3 +334,17 @@ def make_random_checkpoint(config: str | dict[str, Any], out_dir: str, *, dtype:
                 shutil.copyfile(src, os.path.join(out_dir, name))
     write_random_weights(cfg, out_dir, dtype=DTYPES[dtype], seed=seed, max_shard_bytes=max_shard_bytes)
     return out_dir
+
+
+def fp8_dynamic_quant_config(ignore: list[str]) -> dict[str, Any]:
+    """`quantization_config` of a compressed-tensors FP8-dynamic checkpoint (e4m3 weights with per-channel scales,
+    per-token dynamic activations); modules named in `ignore` stay 16-bit."""
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
+                                  "symmetric": True}}},
+        "ignore": list(ignore),
+    }

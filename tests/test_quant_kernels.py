@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 from swiftlm.kernels import awq, quant  # noqa: E402
 from swiftlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear  # noqa: E402
 from swiftlm.layers.quantization import AWQLinearMethod, Fp8LinearMethod, get_linear_method  # noqa: E402
+from swiftlm.testing import fp8_dynamic_quant_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -398,16 +399,9 @@ def test_awq_method_rejects_ungrouped_sizes() -> None:
 # Config -> method
 # ---------------------------------------------------------------------------------------------------------
 
-_FP8_DYNAMIC = {
-    "quant_method": "compressed-tensors", "format": "float-quantized",
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
-                              "symmetric": True}}},
-    "ignore": ["lm_head", "re:.*mlp.gate$", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
-               "model.layers.1.self_attn.v_proj", "model.layers.2.mlp.up_proj"],
-}
+_FP8_DYNAMIC = fp8_dynamic_quant_config(["lm_head", "re:.*mlp.gate$", "model.layers.1.self_attn.q_proj",
+                                         "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+                                         "model.layers.2.mlp.up_proj"])
 
 
 def test_compressed_tensors_fp8_config() -> None:

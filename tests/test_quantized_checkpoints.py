@@ -28,18 +28,10 @@ from swiftlm import SamplingParams
 from swiftlm.engine.llm import LLM
 from swiftlm.kernels.awq import awq_quantize_ref
 from swiftlm.kernels.quant import quantize_weight_fp8_ref
-from swiftlm.testing import make_random_checkpoint, tiny_config
+from swiftlm.testing import fp8_dynamic_quant_config, make_random_checkpoint, tiny_config
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FP8_DYNAMIC = {
-    "quant_method": "compressed-tensors", "format": "float-quantized",
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
-                              "symmetric": True}}},
-    "ignore": ["lm_head"],
-}
+FP8_DYNAMIC = fp8_dynamic_quant_config(["lm_head"])
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
@@ -152,7 +144,7 @@ def test_fp8_moe_checkpoint_equals_online_fp8(tmp_path) -> None:
     online from the 16-bit experts gives the same logits."""
     moe = make_random_checkpoint(tiny_config("qwen3_moe", hidden_size=128, num_attention_heads=4, head_dim=32),
                                  str(tmp_path / "moe"), dtype="float32", seed=4)
-    fp8_ignoring_router = {**FP8_DYNAMIC, "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    fp8_ignoring_router = fp8_dynamic_quant_config(["lm_head", "re:.*mlp.gate$"])
     ckpt = _last_logits(_rewrite(moe, str(tmp_path / "moe-fp8"), fp8_ignoring_router, _fp8), PROMPT)
     online = _last_logits(moe, PROMPT, quantization="fp8")
     full = _last_logits(moe, PROMPT)
