@@ -19,16 +19,13 @@ from swiftlm.engine.scheduler import SchedulerOutput
 from swiftlm.layers.attention import AttentionMetadata, forward_context
 from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
 from swiftlm.models import get_model_class
+from swiftlm.models.qwen3 import no_quant
 from swiftlm.sampling import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 
 logger = logging.getLogger(__name__)
 
 GRAPH_RESERVE_BYTES = 512 << 20
 CPU_KV_CACHE_BYTES = 1 << 30
-
-
-def _no_quant(prefix: str) -> None:
-    return None
 
 
 PREFILL_GRAPH_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -99,7 +96,7 @@ class ModelRunner:
     # ---- setup -------------------------------------------------------------------------------------------
     def _load_model(self, hf_config: dict, model_path: str, max_model_len: int) -> torch.nn.Module:
         cls = get_model_class(hf_config)
-        quant_for = _no_quant
+        quant_for = no_quant
         if self.config.quantization or hf_config.get("quantization_config"):
             from swiftlm.layers.quantization import get_linear_method
             quant_for = get_linear_method(self.config.quantization, hf_config.get("quantization_config"))
@@ -130,7 +127,7 @@ class ModelRunner:
         if self.config.kv_cache_dtype in ("auto", None):
             return self.dtype
         if self.config.kv_cache_dtype in ("fp8", "fp8_e4m3"):
-            return torch.float8_e4m3fn  # per-tensor scales of 1.0: the kernels dequantize on load
+            return torch.float8_e4m3fn  # per-tensor scales live on each Attention layer; kernels dequantize
         raise ValueError(f"unknown kv_cache_dtype {self.config.kv_cache_dtype!r}")
 
     @torch.inference_mode()
@@ -258,10 +255,10 @@ class ModelRunner:
             logits = self.logits_buf[:1]
         else:
             ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
-            fresh = [i.num_new_tokens for i in batch.scheduled] if all(
-                i.seq.num_computed_tokens == 0 for i in batch.scheduled) else None
+            fresh = None if batch.decode_only or any(i.seq.num_computed_tokens for i in batch.scheduled) else [
+                i.num_new_tokens for i in batch.scheduled]
             meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q, max_q,
-                                     fresh_prefill_lens=None if batch.decode_only else fresh)
+                                     fresh_prefill_lens=fresh)
             with forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[logits_idx[: len(sample_rows)]])

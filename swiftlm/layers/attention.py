@@ -71,14 +71,9 @@ def rope_and_store_kv(attn: "Attention", positions: torch.Tensor, q: torch.Tenso
                       v: torch.Tensor, cos_sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None,
                       k_norm_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Optional per-head RMSNorm of q/k, RoPE, and the write of k/v into `attn`'s cache slots, as one kernel."""
-    meta = get_forward_context()
-    if q.is_cuda:
-        return rope.rope_qk_norm_cache(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
-                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps, attn.k_scale,
-                                       attn.v_scale)
-    return rope.rope_qk_norm_cache_ref(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache,
-                                       meta.slot_mapping, q_norm_weight, k_norm_weight, eps, attn.k_scale,
-                                       attn.v_scale)
+    fn = rope.rope_qk_norm_cache if q.is_cuda else rope.rope_qk_norm_cache_ref
+    return fn(q, k, v, positions, cos_sin_cache, attn.k_cache, attn.v_cache, get_forward_context().slot_mapping,
+              q_norm_weight, k_norm_weight, eps, attn.k_scale, attn.v_scale)
 
 
 class Attention(nn.Module):

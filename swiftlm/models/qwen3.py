@@ -27,7 +27,8 @@ _KV_SCALE = re.compile(r"^(?P<layer>model\.layers\.\d+)\.self_attn\.(?:(?P<kind>
                        r"(?P<proj>[kv])_proj\.output_scale)$")
 
 
-def _no_quant(prefix: str) -> None:
+def no_quant(prefix: str) -> None:
+    """The quant_for of an unquantized model: every linear layer keeps its 16-bit weight."""
     return None
 
 
@@ -158,7 +159,7 @@ class Qwen3ForCausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, hf_config: dict, dtype: torch.dtype, quant_for: QuantFor = _no_quant,
+    def __init__(self, hf_config: dict, dtype: torch.dtype, quant_for: QuantFor = no_quant,
                  max_position: int | None = None) -> None:
         super().__init__()
         self.config = QwenConfig.from_dict(hf_config)
