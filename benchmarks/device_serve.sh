@@ -4,7 +4,8 @@
 #   part "bench": time from `swiftlm serve` start to a healthy /health, a concurrency sweep (1024 in / 256 out)
 #   and a 1000-user reliability run.
 # Usage: bash benchmarks/device_serve.sh tests|bench OUT_DIR
-# Wheels: `../shared/device/wheels.sh openai jiter distro sniffio` here (the tests need the openai client),
+# Wheels: `../shared/device/wheels.sh openai jiter distro sniffio httpx2 httpcore2 truststore anyio` here (the tests
+# need the openai client; openai 3.x talks through httpx2),
 # then carry .whl and install it first, as ../shared/device/README.md says.
 set -uo pipefail
 part=$1; out=$2

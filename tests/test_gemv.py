@@ -108,7 +108,7 @@ def test_strided_rows_and_partial_last_tile(config: GemvConfig) -> None:
 
 
 def test_default_configs_and_table_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
-    n, k = 4096, 4096
+    n, k = 1024, 1024  # not in the tuned table
     assert gk.gemv_config(1, n, k, torch.bfloat16).kernel == "fma"
     assert gk.gemv_config(16, n, k, FP8_DTYPE).kernel == "dot"
     for m in (1, 2, 4, 8, 16):
@@ -149,3 +149,66 @@ def test_zero_rows_and_bad_inputs() -> None:
         gk.gemv(x, w, scale, config=GemvConfig("fma", 24, 64, 1, 4, 1))
     with pytest.raises(ValueError, match=">= 16"):
         gk.gemv(x, w, scale, config=GemvConfig("dot", 8, 64, 1, 4, 1))
+
+
+def test_tuned_table_is_valid_and_drives_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for (n, k, bucket, kind), cfg in gk.GEMV_CONFIGS.items():
+        gk._check_config(cfg)
+        assert bucket in (1, 2, 4, 8, 16) and kind in ("bf16", "fp8") and n > 0 and k > 0
+    assert gk.has_tuned_config(1, 4096, 12288, torch.bfloat16)  # Qwen3-8B down_proj at batch 1
+    assert not gk.has_tuned_config(17, 4096, 12288, torch.bfloat16)
+    assert not gk.has_tuned_config(1, 4096, 12289, torch.bfloat16)
+    monkeypatch.setitem(gk.GEMV_CONFIGS, (N, K, 4, "bf16"), FMA)
+    assert gk.has_tuned_config(3, N, K, torch.bfloat16) and not gk.has_tuned_config(3, N, K, FP8_DTYPE)
+    x, w, _, _ = operands(3, N, K, "bf16")
+    assert gk.use_gemv(x, w) == CUDA  # CPU tensors always take the library path
+    assert not gk.use_gemv(x[None], w)
+
+
+def test_out_buffer_with_strided_rows() -> None:
+    x, w, _, bias = operands(3, N, K, "bf16")
+    buf = torch.full((4, 2 * N), 7.0, device=DEVICE)
+    out = buf[:3, :N]
+    assert gk.gemv(x, w, bias=bias, out=out, config=FMA) is out
+    assert_exact(out, gk.gemv_ref(x, w, bias=bias, out_dtype=torch.float32))
+    assert torch.all(buf[:, N:] == 7.0) and torch.all(buf[3] == 7.0)
+    with pytest.raises(ValueError, match="out must be"):
+        gk.gemv(x, w, out_dtype=torch.bfloat16, out=torch.empty(3, N, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        gk.gemv(x, w, out_dtype=torch.float32, out=torch.empty(2, N, device=DEVICE))
+
+
+def test_layers_route_decode_batches_through_the_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the dispatch rule forced on, bf16 and FP8 linear layers and the LM head give their library-path
+    results (to bf16 rounding) through the GEMV, and the GEMV really runs."""
+    from swiftlm.layers import embedding, linear
+    from swiftlm.layers.quantization import fp8
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return gk.gemv(*args, **kwargs)
+
+    x, w, _, bias = operands(2, N, K, "bf16")
+    layer = linear.ReplicatedLinear(K, N, bias=True, quant_method=None, dtype=torch.bfloat16).to(DEVICE)
+    layer.weight.data.copy_(w)
+    layer.bias.data.copy_(bias)
+    q8 = linear.ReplicatedLinear(K, N, bias=False, quant_method=fp8.Fp8LinearMethod(checkpoint_fp8=False),
+                                 dtype=torch.bfloat16).to(DEVICE)
+    q8.weight.data.copy_(w)
+    q8.quant_method.process_weights_after_loading(q8)
+    head = embedding.LMHead(N, K, torch.bfloat16).to(DEVICE)
+    head.weight.data.copy_(w)
+    expected = (layer(x).float(), q8(x).float(), head(x))
+    for module in (linear, fp8, embedding):
+        monkeypatch.setattr(module, "use_gemv", lambda x, w: True)
+        monkeypatch.setattr(module, "gemv", counted)
+    got = (layer(x).float(), q8(x).float(), head(x))
+    assert calls == [torch.bfloat16, FP8_DTYPE, torch.bfloat16]
+    assert got[2].dtype == torch.float32
+    ref8 = gk.gemv_ref(x, q8.weight, q8.weight_scale, out_dtype=torch.float32)
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], ref8, rtol=2e-2, atol=2e-2)  # W8A16: no activation quantization
+    torch.testing.assert_close(got[2], expected[2], rtol=2e-2, atol=2e-2)
+    buf = torch.zeros(2, N, device=DEVICE)
+    assert head(x, out=buf) is buf and torch.equal(buf, got[2])

@@ -12,12 +12,26 @@ from swiftlm.testing import make_random_checkpoint, tiny_config
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(autouse=True)
-def free_gpu():
-    """Engines of earlier tests (kept alive by tracebacks, too) must not eat this test's KV-cache budget."""
-    yield
+def release(llm) -> None:
+    """Drop an engine's GPU memory now. A failed test's traceback keeps its `llm` alive, so dropping the name is
+    not enough: the next test's engine would size its KV cache around the leftover one."""
+    llm.engine = None
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def make_llm():
+    from swiftlm.engine.llm import LLM
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(LLM(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for llm in made:
+        release(llm)
 
 NEW = 32
 
@@ -43,14 +57,13 @@ class LogitRecorder:
         return self.sampler(logits, batch)
 
 
-def test_bf16_logits_and_greedy_close_to_transformers(checkpoint) -> None:
+def test_bf16_logits_and_greedy_close_to_transformers(checkpoint, make_llm) -> None:
     """Our bf16 logits are as close to transformers' fp32 ones as transformers' own bf16 run is (x2 + 1e-3);
     greedy tokens match transformers' bf16 greedy tokens over the first 32 positions, teacher-forced (each
     position gets transformers' prefix) so that one near-tie does not decide every later position."""
     from transformers import AutoModelForCausalLM
 
-    from swiftlm.engine.llm import LLM
-    llm = LLM(checkpoint, gpu_memory_utilization=0.15)
+    llm = make_llm(checkpoint, gpu_memory_utilization=0.15)
     ref32 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
     ref16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
     recorder = LogitRecorder(llm.engine.model_runner.sampler)
@@ -76,24 +89,40 @@ def test_bf16_logits_and_greedy_close_to_transformers(checkpoint) -> None:
     assert agree >= 0.9, agree
 
 
-def test_cuda_graphs_equal_eager(checkpoint) -> None:
-    from swiftlm.engine.llm import LLM
+def test_cuda_graphs_equal_eager(checkpoint, make_llm) -> None:
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    graph = LLM(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16)
+    graph = make_llm(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16)
     assert graph.engine.model_runner.graphs
     with_graphs = [o.token_ids for o in graph.generate(_prompts(), params, use_tqdm=False)]
-    del graph
-    gc.collect()
-    eager = LLM(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16, enforce_eager=True)
+    release(graph)
+    eager = make_llm(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16, enforce_eager=True)
     assert not eager.engine.model_runner.graphs
     assert [o.token_ids for o in eager.generate(_prompts(), params, use_tqdm=False)] == with_graphs
 
 
-def test_seeded_sampling_is_batch_independent(checkpoint) -> None:
-    from swiftlm.engine.llm import LLM
-    llm = LLM(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16)
+def test_seeded_sampling_is_batch_independent(checkpoint, make_llm) -> None:
+    llm = make_llm(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16)
     p = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=42, ignore_eos=True)
     alone = llm.generate([_prompts()[1]], p, use_tqdm=False)[0].token_ids
     mixed = llm.generate(_prompts(), [SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True), p,
                                       SamplingParams(max_tokens=7, ignore_eos=True), p], use_tqdm=False)
     assert mixed[1].token_ids == alone
+
+
+def test_tuned_gemv_configs_match_fp32_math() -> None:
+    """Every shape the linear layers route through the decode GEMV, at the largest M of its bucket."""
+    from swiftlm.kernels import gemv as gk
+    from swiftlm.kernels.quant import FP8_DTYPE, per_token_quant_fp8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = {}
+    for n, k, bucket, kind in sorted(gk.GEMV_CONFIGS):
+        if (n, k, kind) not in weights:
+            w = torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5
+            weights = {(n, k, kind): per_token_quant_fp8(w) if kind == "fp8" else (w.bfloat16(), None)}
+        w, scale = weights[(n, k, kind)]
+        x = torch.randn(bucket, k, device="cuda", generator=gen).bfloat16()
+        assert gk.use_gemv(x, w)
+        ref = gk.gemv_ref(x, w, scale, out_dtype=torch.float32)
+        err = ((gk.gemv(x, w, scale).float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, ((n, k, bucket, kind), err)
+        assert w.dtype == (FP8_DTYPE if kind == "fp8" else torch.bfloat16)

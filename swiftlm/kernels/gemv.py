@@ -55,8 +55,69 @@ class GemvConfig:
 
 
 # (N, K, M bucket = next power of two of M, weight kind "bf16" | "fp8") -> config. 16-bit weights (bf16 or fp16)
-# share the "bf16" entries: same bytes per weight. Paste `benchmarks/bench_gemv.py` output here.
-GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {}
+# share the "bf16" entries: same bytes per weight. Only shapes where the GEMV beat the path it replaces are listed
+# (cuBLAS for 16-bit weights; per-token FP8 quantization + the best W8A8 GEMM for fp8), so a linear layer uses the
+# GEMV exactly for these keys. Measured on H100 80GB HBM3 with `benchmarks/bench_gemv.py`
+# (benchmarks/results/gemv_h100_*.json); comments: best GEMV time vs the replaced path. Shapes: Qwen3-8B qkv, o,
+# gate_up, down, LM head; Qwen3-30B-A3B qkv, o.
+GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {
+    (2048, 4096, 1, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 7.8 vs 11.0 us
+    (2048, 4096, 2, 'bf16'): GemvConfig('fma', 2, 1024, 1, 4, 1),  # 8.3 vs 11.2 us
+    (2048, 4096, 4, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 8.9 vs 11.0 us
+    (2048, 4096, 8, 'bf16'): GemvConfig('dot', 64, 256, 4, 4, 3),  # 9.2 vs 10.8 us
+    (2048, 4096, 16, 'bf16'): GemvConfig('dot', 64, 128, 4, 4, 4),  # 9.4 vs 10.8 us
+    (4096, 4096, 1, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 13.4 vs 16.8 us
+    (4096, 4096, 2, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 13.9 vs 16.8 us
+    (4096, 4096, 4, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 14.5 vs 16.4 us
+    (4096, 4096, 8, 'bf16'): GemvConfig('dot', 32, 256, 1, 4, 4),  # 14.6 vs 16.5 us
+    (4096, 4096, 16, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 14.4 vs 16.9 us
+    (4096, 12288, 1, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 35.8 vs 39.7 us
+    (4096, 12288, 2, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 36.4 vs 40.5 us
+    (4096, 12288, 4, 'bf16'): GemvConfig('dot', 64, 128, 2, 4, 6),  # 38.1 vs 39.9 us
+    (4096, 12288, 8, 'bf16'): GemvConfig('dot', 64, 256, 2, 4, 3),  # 37.9 vs 40.0 us
+    (4096, 12288, 16, 'bf16'): GemvConfig('dot', 64, 128, 2, 4, 6),  # 38.5 vs 40.6 us
+    (5120, 2048, 1, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 9.0 vs 10.0 us
+    (5120, 2048, 2, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 9.4 vs 10.1 us
+    (5120, 2048, 4, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 9.6 vs 10.1 us
+    (5120, 2048, 8, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 9.5 vs 10.2 us
+    (5120, 2048, 16, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 9.5 vs 10.0 us
+    (6144, 4096, 1, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 18.7 vs 21.3 us
+    (6144, 4096, 2, 'bf16'): GemvConfig('fma', 8, 1024, 1, 4, 1),  # 19.6 vs 21.2 us
+    (6144, 4096, 4, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 19.5 vs 21.1 us
+    (6144, 4096, 8, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 19.7 vs 21.1 us
+    (6144, 4096, 16, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 19.9 vs 21.7 us
+    (24576, 4096, 1, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 66.4 vs 73.0 us
+    (24576, 4096, 2, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 66.8 vs 73.8 us
+    (24576, 4096, 4, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 68.8 vs 73.5 us
+    (24576, 4096, 8, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 69.0 vs 73.4 us
+    (24576, 4096, 16, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 69.9 vs 74.5 us
+    (151936, 4096, 1, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 395.5 vs 438.9 us
+    (151936, 4096, 2, 'bf16'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 393.0 vs 440.0 us
+    (151936, 4096, 4, 'bf16'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 397.0 vs 440.4 us
+    (151936, 4096, 8, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 405.8 vs 441.7 us
+    (151936, 4096, 16, 'bf16'): GemvConfig('dot', 64, 128, 1, 4, 6),  # 410.9 vs 445.7 us
+    (2048, 4096, 1, 'fp8'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 5.3 vs 11.9 us
+    (2048, 4096, 2, 'fp8'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 6.4 vs 12.5 us
+    (2048, 4096, 4, 'fp8'): GemvConfig('fma', 8, 2048, 1, 4, 3),  # 7.6 vs 12.3 us
+    (2048, 4096, 8, 'fp8'): GemvConfig('dot', 64, 256, 4, 4, 4),  # 9.4 vs 12.4 us
+    (2048, 4096, 16, 'fp8'): GemvConfig('dot', 64, 256, 4, 4, 4),  # 10.1 vs 12.4 us
+    (4096, 4096, 1, 'fp8'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 8.1 vs 14.1 us
+    (4096, 4096, 2, 'fp8'): GemvConfig('fma', 8, 2048, 1, 4, 1),  # 9.0 vs 14.6 us
+    (4096, 4096, 4, 'fp8'): GemvConfig('fma', 8, 2048, 1, 4, 3),  # 11.3 vs 14.5 us
+    (4096, 4096, 8, 'fp8'): GemvConfig('dot', 64, 256, 4, 4, 4),  # 13.9 vs 14.6 us
+    (4096, 4096, 16, 'fp8'): GemvConfig('dot', 64, 256, 2, 4, 4),  # 14.2 vs 14.6 us
+    (4096, 12288, 1, 'fp8'): GemvConfig('fma', 4, 4096, 1, 8, 1),  # 19.6 vs 31.8 us
+    (4096, 12288, 2, 'fp8'): GemvConfig('fma', 8, 2048, 1, 4, 1),  # 20.5 vs 28.1 us
+    (4096, 12288, 4, 'fp8'): GemvConfig('fma', 8, 2048, 1, 4, 3),  # 27.1 vs 28.3 us
+    (4096, 12288, 8, 'fp8'): GemvConfig('dot', 64, 128, 4, 4, 8),  # 28.6 vs 28.6 us
+    (5120, 2048, 1, 'fp8'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 6.0 vs 10.1 us
+    (5120, 2048, 2, 'fp8'): GemvConfig('fma', 8, 1024, 1, 2, 1),  # 6.8 vs 10.2 us
+    (5120, 2048, 4, 'fp8'): GemvConfig('fma', 8, 1024, 1, 2, 1),  # 9.2 vs 10.3 us
+    (6144, 4096, 1, 'fp8'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 11.1 vs 15.2 us
+    (6144, 4096, 2, 'fp8'): GemvConfig('fma', 8, 1024, 1, 2, 1),  # 12.0 vs 15.1 us
+    (24576, 4096, 1, 'fp8'): GemvConfig('fma', 4, 4096, 1, 8, 1),  # 35.0 vs 38.9 us
+    (24576, 4096, 2, 'fp8'): GemvConfig('fma', 16, 512, 1, 4, 1),  # 36.8 vs 39.5 us
+}
 
 
 def weight_kind(dtype: torch.dtype) -> str:
@@ -75,6 +136,16 @@ def _default_config(m: int, weight_dtype: torch.dtype) -> GemvConfig:
     if m <= 4:
         return GemvConfig("fma", block_n=8, block_k=2048 // element, split_k=0, num_warps=4, num_stages=1)
     return GemvConfig("dot", block_n=64, block_k=256 // element, split_k=0, num_warps=4, num_stages=4)
+
+
+def has_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> bool:
+    """Whether `GEMV_CONFIGS` lists this shape, i.e. the GEMV was measured faster than the path it would replace."""
+    return m <= GEMV_MAX_M and (n, k, m_bucket(m), weight_kind(weight_dtype)) in GEMV_CONFIGS
+
+
+def use_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Dispatch rule of the linear layers: a CUDA [M, K] input whose shape has a tuned config."""
+    return x.is_cuda and x.dim() == 2 and has_tuned_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
 
 
 def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig:
@@ -274,19 +345,26 @@ def _check_config(cfg: GemvConfig) -> None:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, config: GemvConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (w [N, K] * w_scale)^T + bias for M <= 16, streaming w once (see the module docstring).
 
     x: bf16/fp16, rows may be strided; w: x's dtype, or float8_e4m3fn with w_scale [N, 1] (or [N]) fp32; bias: [N].
-    out_dtype defaults to x's dtype. config overrides `gemv_config` (benchmarks).
+    out_dtype defaults to x's dtype (or out's); out: a preallocated [M, N] destination, rows may be strided.
+    config overrides `gemv_config` (benchmarks).
     """
     _check(x, w, w_scale, bias)
-    out_dtype = out_dtype or x.dtype
-    if not can_use_triton(x):
-        return gemv_ref(x, w, w_scale, bias, out_dtype)
     m, k = x.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    out_dtype = out_dtype or (out.dtype if out is not None else x.dtype)
+    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] {out_dtype} with unit column stride, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    if not can_use_triton(x):
+        y = gemv_ref(x, w, w_scale, bias, out_dtype)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     cfg = config or gemv_config(m, n, k, w.dtype)

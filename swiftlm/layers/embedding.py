@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swiftlm.kernels.gemv import gemv, use_gemv
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -29,6 +31,8 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits; with `out`, written into that preallocated buffer (the CUDA-graph path)."""
+        if use_gemv(hidden, self.weight):  # decode: fp32 logits straight from the GEMV's epilogue
+            return gemv(hidden, self.weight, out_dtype=torch.float32, out=out)
         logits = F.linear(hidden, self.weight)
         if out is None:
             return logits.float()

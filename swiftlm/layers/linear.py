@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swiftlm.kernels.gemv import gemv, use_gemv
+
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | int | None"], None]
 
 
@@ -41,6 +43,8 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if use_gemv(x, layer.weight):  # decode-sized batches: a GEMV that streams the weight faster than cuBLAS
+            return gemv(x, layer.weight, bias=bias)
         return F.linear(x, layer.weight, bias)
 
 

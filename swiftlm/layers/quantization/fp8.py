@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swiftlm.kernels.gemv import gemv, use_gemv
 from swiftlm.kernels.quant import FP8_DTYPE, fp8_linear, per_token_quant_fp8
 from swiftlm.layers.linear import LinearBase, LinearMethod, set_weight_attrs
 
@@ -42,4 +43,6 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.weight.dtype != FP8_DTYPE:
             raise RuntimeError("FP8 layer used before process_weights_after_loading quantized its weight")
+        if use_gemv(x, layer.weight):  # decode: W8A16 GEMV, the e4m3 weight streamed once, activations unquantized
+            return gemv(x, layer.weight, layer.weight_scale, bias)
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
