@@ -132,6 +132,10 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, 
             if outs and all(len(o.token_ids) > 1 for o in outs):
                 engine_steps.append(time.perf_counter() - t)
         res[f"decode_ctx8k_b{batch}_step_ms"] = statistics.median(engine_steps) * 1e3
+    for conc in args.concurrency:
+        res[f"concurrency_{conc}_out_tok_s"] = closed_loop_tok_s(engine, prompt, conc)
+    if args.skip_throughput:
+        return res, ceil
     prompts = [prompt(1024) for _ in range(args.num_prompts)]
     params = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0)
     llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -144,6 +148,22 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, 
                throughput_total_tok_s=(out_tokens + 1024 * len(prompts)) / elapsed,
                throughput_num_prompts=len(prompts), preemptions=engine.scheduler.num_preemptions)
     return res, ceil
+
+
+def closed_loop_tok_s(engine, prompt, conc: int, requests_per_slot: int = 2, new: int = 128) -> float:
+    """Output tok/s with `conc` requests (1024 in / `new` out) always in flight: a finished one is replaced at
+    once, `conc * requests_per_slot` requests in all (a client sweep without the HTTP layer)."""
+    from swiftlm import SamplingParams
+    params = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0.0)
+    total, sent, done = conc * requests_per_slot, 0, 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while done < total:
+        while sent < total and sent - done < conc:
+            engine.add_request(f"c{conc}-{sent}", prompt(1024), params)
+            sent += 1
+        done += sum(o.finished for o in engine.step())
+    return total * new / (time.perf_counter() - start)
 
 
 def run_transformers(cfg: dict, args: argparse.Namespace) -> dict:
@@ -207,6 +227,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--long-context-batches", type=int, nargs="*", default=[],
                     help="also time decode steps at 8K context for these batch sizes")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[],
+                    help="also measure closed-loop output tok/s at these concurrencies (1024 in / 128 out)")
+    ap.add_argument("--skip-throughput", action="store_true", help="skip the 256-request offline throughput run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with open(f"{args.model}/config.json") as f:
@@ -232,6 +255,8 @@ def main() -> None:
     print(f"\n{'metric':40s} {'swiftlm':>10s} {'transformers':>13s}")
     for label, key in rows:
         print(f"{label:40s} {ours.get(key, float('nan')):10.2f} {hf.get(key, float('nan')):13.2f}")
+    for key in sorted(k for k in ours if k.startswith(("concurrency_", "decode_ctx8k"))):
+        print(f"{key:40s} {ours[key]:10.2f}")
     print(f"decode floor {ours['decode_floor_ms']:.2f} ms (ratio {ours['tpot_floor_ratio']:.3f}); "
           f"TTFT8000 floor {ours['ttft_8000_floor_ms']:.1f} ms; startup {ours['startup_to_ready_s']:.1f} s")
 

@@ -13,8 +13,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 model=/tmp/qwen3-8b-demo-tok
 mkdir -p "$model" "$out"
 cp benchmarks/models/qwen3-8b/config.json "$model/"
-demo=$(python3 -c "from swiftlm.demo import demo_model_path; print(demo_model_path())")
-cp "$demo"/tokenizer.json "$demo"/tokenizer_config.json "$model/"
+# The demo tokenizer padded to the 8B vocabulary, so every id the random model samples decodes to text.
+python3 -c "
+from swiftlm.demo import demo_model_path
+from swiftlm.testing import fill_tokenizer_vocab
+fill_tokenizer_vocab(demo_model_path(), '$model', 151936)"
 if [ "$part" = tests ]; then
   SWIFTLM_TEST_MODEL=$model SWIFTLM_TEST_LOAD_FORMAT=dummy python3 -m pytest -q tests/test_server.py -x 2>&1 | tail -15
   exit 0
@@ -34,8 +37,7 @@ while True:
 PY
 ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
 echo "server ready after ${ready}s" | tee "$out/startup.txt"
-# The demo tokenizer (1024 tokens) gives no text for most of the random 8B model's token ids, so every
-# token is streamed with its logprob to be counted.
+# A byte-level token may end inside a UTF-8 character and stream no text; with its logprob every token is counted.
 common=(--base-url "http://127.0.0.1:$port" --model "$model" --dataset random --random-input-len 1024
         --random-output-len 256 --ignore-eos --disable-tqdm --tokenizer "$model" --extra-body '{"logprobs": 1}')
 python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 1,2,4,8 --num-prompts 8 --num-warmups 1 \

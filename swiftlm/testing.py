@@ -271,6 +271,28 @@ def _tokenizer_vocab_size(tok_dir: str) -> int | None:
     return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
 
 
+def fill_tokenizer_vocab(src_dir: str, out_dir: str, vocab_size: int) -> str:
+    """Copy `src_dir`'s tokenizer files into `out_dir`, padded with plain tokens " w<id>" up to `vocab_size`.
+
+    A random-weight model samples ids anywhere in its vocabulary; with the demo tokenizer (1024 tokens) on a
+    151,936-token config most ids would decode to nothing, so text-level checks (stop strings, streamed text) on a
+    full-size model need every id to decode to text. Returns out_dir.
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(src_dir, "tokenizer.json"))
+    have = tok.get_vocab_size(with_added_tokens=True)
+    if have > vocab_size:
+        raise ValueError(f"tokenizer in {src_dir} has {have} tokens, more than vocab_size {vocab_size}")
+    tok.add_tokens([AddedToken(f" w{i}", special=False, normalized=False) for i in range(have, vocab_size)])
+    os.makedirs(out_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if name != "tokenizer.json" and os.path.exists(os.path.join(src_dir, name)):
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return out_dir
+
+
 def make_random_checkpoint(config: str | dict[str, Any], out_dir: str, *, dtype: str = "bfloat16", seed: int = 0,
                            tokenizer_from: str | None = None, overrides: dict[str, Any] | None = None,
                            max_shard_bytes: int = 2 * 1024**3) -> str:

@@ -234,3 +234,19 @@ def test_layout_matches_transformers_for_large_configs() -> None:
         ours = sum(torch.Size(shape).numel() for _, shape in checkpoint_layout(cfg))
         assert ours == sum(p.numel() for p in model.parameters())
         assert abs(ours / 1e9 - expected_billions[arch]) < 0.1
+
+
+def test_fill_tokenizer_vocab_makes_every_id_decode(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from swiftlm.demo import demo_model_path
+    from swiftlm.testing import fill_tokenizer_vocab
+
+    out = fill_tokenizer_vocab(demo_model_path(), str(tmp_path / "tok"), 1100)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 1100
+    assert tok.decode([1024, 1099]) == " w1024 w1099"
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.eos_token == "<|im_end|>"
+    with pytest.raises(ValueError, match="more than vocab_size"):
+        fill_tokenizer_vocab(demo_model_path(), str(tmp_path / "small"), 1000)

@@ -58,9 +58,10 @@ class LogitRecorder:
 
 
 def test_bf16_logits_and_greedy_close_to_transformers(checkpoint, make_llm) -> None:
-    """Our bf16 logits are as close to transformers' fp32 ones as transformers' own bf16 run is (x2 + 1e-3);
-    greedy tokens match transformers' bf16 greedy tokens over the first 32 positions, teacher-forced (each
-    position gets transformers' prefix) so that one near-tie does not decide every later position."""
+    """Our bf16 run is as close to transformers' fp32 reference as transformers' own bf16 run is:
+    last-token logits within 2x its relative error (+ 1e-3), and greedy tokens over the first 32 generated
+    positions agree with fp32's at least as often (less 3 points). Teacher-forced: every position gets fp32's
+    prefix, so one near-tie of this random model does not decide all later positions."""
     from transformers import AutoModelForCausalLM
 
     llm = make_llm(checkpoint, gpu_memory_utilization=0.15)
@@ -71,22 +72,25 @@ def test_bf16_logits_and_greedy_close_to_transformers(checkpoint, make_llm) -> N
     greedy1 = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate(_prompts(), greedy1, use_tqdm=False)
     first = recorder.calls[0]
-    forced, expected = [], []
+    forced, expected, hf16_tokens = [], [], []
     for i, prompt in enumerate(_prompts()):
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
             l32 = ref32(ids).logits[0, -1].float()
             l16 = ref16(ids).logits[0, -1].float()
-            full = ref16.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0].tolist()
+            full = ref32.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            hf16_tokens += ref16(full).logits[0, len(prompt) - 1: -1].argmax(-1).tolist()
         ours_err = ((first[i] - l32).norm() / l32.norm()).item()
         hf_err = ((l16 - l32).norm() / l32.norm()).item()
         assert ours_err <= 2 * hf_err + 1e-3, (ours_err, hf_err)
+        full = full[0].tolist()
         for j in range(NEW):
             forced.append(full[: len(prompt) + j])
             expected.append(full[len(prompt) + j])
     got = [o.token_ids[0] for o in llm.generate(forced, greedy1, use_tqdm=False)]
-    agree = sum(g == e for g, e in zip(got, expected)) / len(expected)
-    assert agree >= 0.9, agree
+    ours = sum(g == e for g, e in zip(got, expected)) / len(expected)
+    theirs = sum(g == e for g, e in zip(hf16_tokens, expected)) / len(expected)
+    assert ours >= theirs - 0.03, (ours, theirs)
 
 
 def test_cuda_graphs_equal_eager(checkpoint, make_llm) -> None:
