@@ -2,8 +2,8 @@
 # On the GPU machine: the server on a Qwen3-8B-shaped random-weight checkpoint.
 #   part "tests": the CPU server tests (tests/test_server.py) against it;
 #   part "bench": time from `swiftlm serve` start to a healthy /health, a concurrency sweep (1024 in / 256 out)
-#   and a 1000-user reliability run.
-# Usage: bash benchmarks/device_serve.sh tests|bench OUT_DIR
+#   and a 1000-user reliability run; part "sweep": the same without the reliability run.
+# Usage: bash benchmarks/device_serve.sh tests|bench|sweep OUT_DIR
 # Wheels: `../shared/device/wheels.sh openai jiter distro sniffio httpx2 httpcore2 truststore anyio` here (the tests
 # need the openai client; openai 3.x talks through httpx2),
 # then carry .whl and install it first, as ../shared/device/README.md says.
@@ -44,6 +44,6 @@ python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 1,2,4,8 --num-pr
   --result-dir "$out/sweep_low" --label qwen3-8b-low 2>&1 | tail -6
 python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 16,32,64,128 --num-prompts 128 --num-warmups 1 \
   --result-dir "$out/sweep_high" --label qwen3-8b-high 2>&1 | tail -6
-python3 -m swiftlm bench reliability --base-url "http://127.0.0.1:$port" --model "$model" --users 1000 \
+[ "$part" = sweep ] || python3 -m swiftlm bench reliability --base-url "http://127.0.0.1:$port" --model "$model" --users 1000 \
   --duration 120 --disable-tqdm --result-dir "$out/reliability" 2>&1 | tail -15
 pkill -f "swiftlm serve" || true
