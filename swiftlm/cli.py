@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from swiftlm.testing import make_random_checkpoint
-    path = make_random_checkpoint(args.config, args.output, dtype=args.dtype, seed=args.seed)
+    path = make_random_checkpoint(args.config, args.output, dtype=args.dtype, seed=args.seed, device=args.device)
     print(path)
     return 0
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--output", required=True)
     mk.add_argument("--dtype", default="bfloat16")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--device", default="cpu", help="where random values are drawn: cuda writes a large "
+                    "checkpoint much faster; values then differ from the cpu's (which are the same on every machine)")
     mk.set_defaults(func=_make_checkpoint)
 
     from swiftlm.bench.cli import add_bench_subparsers

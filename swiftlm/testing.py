@@ -143,7 +143,8 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                  device: str = "cpu") -> torch.Tensor:
     """Deterministic init that keeps a random model's output context-dependent rather than degenerate.
 
     Values are uniform with a chosen std: torch's CPU `rand` and the affine maps below are exact or correctly
@@ -153,10 +154,11 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
     context. The final norm's weights get random signs: the residual stream still holds the input token's own
     embedding, and with tied (or merely similar) embeddings that term makes the argmax echo the input token;
     random signs cancel it. Other norm weights are near, not exactly, 1 so an engine that ignores them disagrees
-    with the reference.
+    with the reference. `device="cuda"` draws on the GPU (an 8B checkpoint in seconds rather than minutes); its
+    values then differ from the CPU's.
     """
-    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    centred = torch.rand(shape, generator=gen, dtype=torch.float32) - 0.5
+    gen = torch.Generator(device=device).manual_seed(_tensor_seed(seed, name))
+    centred = torch.rand(shape, generator=gen, dtype=torch.float32, device=device) - 0.5
     leaf = name.split(".")[-2]
     if name == "model.norm.weight":
         t = torch.where(centred < 0, -1.0, 1.0) * (0.8 + 0.8 * centred.abs())
@@ -191,7 +193,7 @@ def _plan_shards(layout: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 def write_random_weights(cfg: dict[str, Any], out_dir: str, *, dtype: torch.dtype, seed: int,
-                         max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+                         max_shard_bytes: int = 2 * 1024**3, device: str = "cpu") -> list[str]:
     """Write `model.safetensors` (or numbered shards plus the index) and return the file names written."""
     from safetensors.torch import save_file
 
@@ -202,7 +204,7 @@ def write_random_weights(cfg: dict[str, Any], out_dir: str, *, dtype: torch.dtyp
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map: dict[str, str] = {}
     for fname, shard in zip(names, shards):
-        tensors = {name: random_tensor(name, shape, seed, dtype) for name, shape in shard}
+        tensors = {name: random_tensor(name, shape, seed, dtype, device).cpu() for name, shape in shard}
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
         weight_map.update((name, fname) for name in tensors)
         del tensors
@@ -295,7 +297,7 @@ def fill_tokenizer_vocab(src_dir: str, out_dir: str, vocab_size: int) -> str:
 
 def make_random_checkpoint(config: str | dict[str, Any], out_dir: str, *, dtype: str = "bfloat16", seed: int = 0,
                            tokenizer_from: str | None = None, overrides: dict[str, Any] | None = None,
-                           max_shard_bytes: int = 2 * 1024**3) -> str:
+                           max_shard_bytes: int = 2 * 1024**3, device: str = "cpu") -> str:
     """Write a random-weight checkpoint for a Qwen config.json (path or dict) into `out_dir` and return it.
 
     `overrides` replace config fields (e.g. fewer layers). Tokenizer files are copied from `tokenizer_from`; by
@@ -354,7 +356,7 @@ def make_random_checkpoint(config: str | dict[str, Any], out_dir: str, *, dtype:
             src = os.path.join(tok_dir, name)
             if os.path.exists(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
-    write_random_weights(cfg, out_dir, dtype=DTYPES[dtype], seed=seed, max_shard_bytes=max_shard_bytes)
+    write_random_weights(cfg, out_dir, dtype=DTYPES[dtype], seed=seed, max_shard_bytes=max_shard_bytes, device=device)
     return out_dir
 
 

@@ -444,3 +444,19 @@ def test_awq_and_online_fp8_configs() -> None:
         get_linear_method("int3", None)
     with pytest.raises(NotImplementedError, match="not supported"):
         get_linear_method(None, {"quant_method": "gptq"})
+
+
+@needs_kernels
+def test_awq_gemv_split_k_is_deterministic_and_resets_counters() -> None:
+    """K splits of whole groups, ragged last column tile: the in-kernel fix-up gives the same bits every call and
+    leaves the shared split-K counters zeroed for the next launch (CUDA-graph replays rely on it)."""
+    from swiftlm.kernels.gemv import split_counters
+    x, qweight, qzeros, scales, bias = _awq_operands(2, 512, 264, 64, torch.float16)
+    cfg = {"BLOCK_P": 16, "BLOCK_K": 16}
+    first = awq.awq_gemv_triton(x, qweight, qzeros, scales, 64, bias, split_k=4, config=cfg)
+    again = awq.awq_gemv_triton(x, qweight, qzeros, scales, 64, bias, split_k=4, config=cfg)
+    assert torch.equal(first, again)
+    assert not split_counters(x.device, 3).any()
+    _close(first, awq.awq_gemm_ref(x, qweight, qzeros, scales, 64, bias), torch.float16)
+    with pytest.raises(ValueError, match="must divide the group size"):
+        awq.awq_gemv_triton(x, qweight, qzeros, scales, 64, config={"BLOCK_K": 128})

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from swiftlm.kernels.gemv import split_counters
 from swiftlm.kernels.quant import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, choose_split_k,
-                                   next_power_of_2, reduce_split_k)
+                                   next_power_of_2, num_sms, reduce_split_k)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from swiftlm.kernels.gemv import store_tile
 
 AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
@@ -24,6 +27,9 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column offset j
 # M <= gemv_max_m: GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
 AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 8, "dequant_mm_min_m": 1 << 30}
 _GEMV_LIMIT = 8
+# Launch parameters of the decode GEMV: BLOCK_P packed int32 columns (8 outputs each) per program, BLOCK_K rows
+# per step (a divisor of the group size), NUM_STAGES-deep software pipeline over a group's steps.
+AWQ_GEMV_CONFIG: dict[str, int] = {"BLOCK_P": 32, "BLOCK_K": 32, "NUM_STAGES": 3, "num_warps": 4}
 AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
 
 
@@ -163,42 +169,53 @@ if HAS_TRITON:
             tl.store(c, acc, mask=mask)
 
     @triton.jit
-    def _awq_gemv_kernel(a_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_cm,
-                         stride_cs, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Decode kernel: no tensor cores (M <= 8 would waste a 16-row MMA); each CTA streams a [K/split, BLOCK_N]
-        weight slab once and, row by row, reduces x[m, k] * W[k, n] over k in registers (CUDA-core FMAs)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,
+                         SPLIT_K, stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
+        """Decode kernel. A program owns BLOCK_P packed columns (8 * BLOCK_P outputs) and one K split (whole
+        quantization groups), keeping the 8 nibbles of each word apart ([BLOCK_K, 8, BLOCK_P]) so no register
+        shuffles are needed. Within a group, sum_k x (q - z) s = s (sum_k x q - z sum_k x): the int4 codes enter
+        the FMAs as exact floats (OR-ed into the mantissa of 2^23, then 2^23 subtracted: cheaper than an
+        int-to-float convert) and zeros and scales are applied once per group and column. Split-K partials are
+        combined in-kernel by the last split of each column tile (`store_tile`)."""
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < N // 8
+        nib = tl.arange(0, 8)
+        shifts = (4 * nib)[None, :, None]
+        cols = 8 * offs_p[None, :] + (2 * (nib % 4) + nib // 4)[:, None]  # [8, BLOCK_P] output columns
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-        k_begin = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            k = k0 + offs_k
-            mask_k = k < k_end
-            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, k, mask_k, k0 // GROUP_SIZE, pid_n, N, BLOCK_N)
-            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)  # same rounding of W as the GEMM and the reference
-            for m in tl.static_range(BLOCK_M):
-                if m < M:
-                    row = offs_m[:, None] == m
-                    a_m = tl.sum(tl.where(row, a, 0.0), axis=0)
-                    acc = tl.where(row, acc + tl.sum(a_m[:, None] * w, axis=0)[None, :], acc)
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc, mask=mask)
+        k_begin = tl.program_id(1) * K_PER_SPLIT
+        k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
+        acc = tl.zeros([BLOCK_M, 8, BLOCK_P], dtype=tl.float32)
+        for g0 in range(k_begin, k_stop, GROUP_SIZE):
+            dots = tl.zeros([BLOCK_M, 8, BLOCK_P], dtype=tl.float32)
+            x_sums = tl.zeros([BLOCK_M, 1, 1], dtype=tl.float32)
+            for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
+                k = k0 + offs_k
+                q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + offs_p[None, :], mask=mask_p[None, :],
+                            other=0, eviction_policy="evict_first")
+                w = (((q[:, None, :] >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                for m in tl.static_range(BLOCK_M):
+                    row_ok = tl.full([BLOCK_K], m, tl.int32) < M
+                    x = tl.load(x_ptr + m * stride_xm + k, mask=row_ok, other=0.0).to(tl.float32)
+                    dot = tl.sum(w * x[:, None, None], axis=0)[None, :, :]
+                    x_sum = tl.sum(x, axis=0)
+                    if BLOCK_M == 1:
+                        dots += dot
+                        x_sums += x_sum
+                    else:
+                        row = offs_m[:, None, None] == m
+                        dots = tl.where(row, dots + dot, dots)
+                        x_sums = tl.where(row, x_sums + x_sum, x_sums)
+            group = g0 // GROUP_SIZE
+            z = tl.load(qz_ptr + group * (N // 8) + offs_p, mask=mask_p, other=0)
+            z = ((z[None, :] >> (4 * nib)[:, None]) & 0xF).to(tl.float32)
+            s = tl.load(s_ptr + group * N + cols, mask=mask_p[None, :], other=0.0).to(tl.float32)
+            acc += s[None, :, :] * (dots - z[None, :, :] * x_sums)
+        store_tile(tl.reshape(acc, (BLOCK_M, 8 * BLOCK_P)), offs_m, tl.reshape(cols, (8 * BLOCK_P,)), M, N,
+                   SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False, HAS_BIAS)
 
     @triton.jit
     def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -283,18 +300,30 @@ def awq_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
                     config: dict[str, int] | None = None) -> torch.Tensor:
-    """Decode GEMV for M <= 8: CUDA-core reduction, N tiles x K splits to fill the GPU."""
+    """Decode GEMV for M <= 8: column tiles x K splits (whole groups per split) to fill the GPU, one launch."""
     m, n, k = _check(x, qweight, qzeros, scales, group_size)
     if m > _GEMV_LIMIT:
         raise ValueError(f"AWQ GEMV handles at most {_GEMV_LIMIT} rows, got {m}")
+    if group_size & (group_size - 1):
+        raise ValueError(f"the AWQ GEMV needs a power-of-two group size, got {group_size}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    block_m = max(2, next_power_of_2(m))  # rows past M are skipped in the kernel; 2 avoids 1-wide tensors
-    cfg = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
-    cfg.update(config or {})
-    block_k = _block_k(group_size, cfg.pop("BLOCK_K"))
-    return _launch_split(_awq_gemv_kernel, cdiv(n, cfg["BLOCK_N"]), x, qweight, qzeros, scales, bias,
-                         group_size, block_k, split_k, BLOCK_M=block_m, **cfg)
+        return out
+    cfg = dict(AWQ_GEMV_CONFIG, **(config or {}))
+    if group_size % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {group_size}")
+    tiles = cdiv(n // AWQ_PACK, cfg["BLOCK_P"])
+    groups = k // group_size
+    split = split_k or min(groups, max(1, cdiv(4 * num_sms(x.device), tiles)))
+    k_per_split = cdiv(groups, split) * group_size
+    split = cdiv(k, k_per_split)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = split_counters(x.device, tiles) if split > 1 else out
+    _awq_gemv_kernel[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws,
+                                     counters, m, n, k, k_per_split, split, x.stride(0), out.stride(0),
+                                     GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m),
+                                     **cfg)
+    return out
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

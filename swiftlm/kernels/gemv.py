@@ -163,12 +163,12 @@ def auto_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
 
 # Split-K arrival counters, one int32 per column tile, zero between launches (each launch's last arrivals reset
 # theirs). Buffers are never freed: a captured CUDA graph keeps using the one it was captured with. Launches that
-# share a device must not overlap in time (one stream), as they share counters.
+# share a device must not overlap in time (one stream), as they share counters (the AWQ GEMV uses them too).
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 _MIN_COUNTERS = 1 << 14
 
 
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """A zeroed counter buffer for `device` with at least `tiles` slots (allocated on first need, then reused)."""
     buffers = _COUNTERS.setdefault(device, [])
     if not buffers or buffers[-1].numel() < tiles:
@@ -202,7 +202,7 @@ if HAS_TRITON:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
     @triton.jit
-    def _store_tile(acc, offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+    def store_tile(acc, offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Finish this program's [BLOCK_M, BLOCK_N] sums, or with split-K park them in the workspace [S, M, N] and let
         the last split of the column tile (atomic arrival count) add all partials in split order and finish."""
@@ -274,7 +274,7 @@ if HAS_TRITON:
             k = k_full + offs_k
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
             acc = _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
-        _store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
+        store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
                     cnt_ptr, stride_om, HAS_SCALE, HAS_BIAS)
 
     @triton.jit
@@ -313,7 +313,7 @@ if HAS_TRITON:
             xt = tl.load(xt_cols + k[:, None], mask=mask_x & (k[:, None] < k_stop), other=0.0)
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
             acc = _mma(w, xt, acc, DOT_F32)
-        _store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+        store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                     HAS_SCALE, HAS_BIAS)
 
 
@@ -374,7 +374,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     k_per_split = cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k
     split = cdiv(k, k_per_split)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = _split_counters(x.device, tiles) if split > 1 else out
+    counters = split_counters(x.device, tiles) if split > 1 else out
     scale = w_scale.reshape(-1).float() if w_scale is not None else out
     args = (x, w, scale, bias if bias is not None else out, out, ws, counters, m, n, k, k_per_split, split,
             x.stride(0), w.stride(0), out.stride(0))
