@@ -1,0 +1,106 @@
+"""AWQ W4A16 decode GEMV sweep on the GPU: `awq_gemv_triton` launch configs vs fp16 cuBLAS, Qwen2.5-32B shapes.
+
+For each shape and M, every config in the grid is checked against `awq_gemm_ref` (relative Frobenius error < 1e-2)
+and timed; the table shows the default `AWQ_GEMV_CONFIG`, the best config, and cuBLAS on the dequantized fp16
+weight. Timing: a CUDA graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never
+holds the next call's weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
+
+    PYTHONPATH=$PWD python benchmarks/bench_awq_gemv.py [--ms 1 4 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+
+import torch
+
+from swiftlm.kernels import awq
+
+SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (55296, 5120), "down": (5120, 27648)}  # (N, K)
+GROUP = 128
+GRID = [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
+        for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (3,), (4, 8))]
+CALLS = 20
+
+
+def graph_us(fn, copies: int, replays: int = 10) -> float:
+    """Median microseconds per call of fn(i) over a CUDA graph of CALLS calls cycling i over copies."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(CALLS):
+            fn(i % copies)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    print(f"{torch.cuda.get_device_name()}; default {awq.AWQ_GEMV_CONFIG}")
+    print(f"{'shape':8} {'M':>2} | {'default us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
+          f"{'fp16 cuBLAS us':>14} {'speedup':>7}")
+    for name, (n, k) in SHAPES.items():
+        nbytes = k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
+        copies = max(2, -(-(256 << 20) // nbytes))
+        qw = [torch.randint(-2**31, 2**31 - 1, (k, n // 8), device="cuda", generator=gen, dtype=torch.int32)
+              for _ in range(copies)]
+        qz = [torch.randint(-2**31, 2**31 - 1, (k // GROUP, n // 8), device="cuda", generator=gen,
+                            dtype=torch.int32) for _ in range(copies)]
+        sc = [(torch.rand(k // GROUP, n, device="cuda", generator=gen) * 0.01).half() for _ in range(copies)]
+        w16 = awq.awq_dequantize(qw[0], qz[0], sc[0], GROUP, torch.float16)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", generator=gen).half()
+            ref = awq.awq_gemm_ref(x, qw[0], qz[0], sc[0], GROUP).float()
+            results = []
+            for cfg in GRID:
+                try:
+                    out = awq.awq_gemv_triton(x, qw[0], qz[0], sc[0], GROUP, config=cfg).float()
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    if err > 1e-2:
+                        results.append(dict(config=cfg, error=f"rel err {err:.2e}"))
+                        continue
+                    us = graph_us(lambda i: awq.awq_gemv_triton(x, qw[i], qz[i], sc[i], GROUP, config=cfg), copies)
+                    results.append(dict(config=cfg, us=us, gbps=nbytes / us / 1e3, rel_err=err))
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a large tile
+                    results.append(dict(config=cfg, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
+            timed = [r for r in results if "us" in r]
+            best = min(timed, key=lambda r: r["us"])
+            default = next(r for r in results if r["config"] == awq.AWQ_GEMV_CONFIG)
+            w16s = [w16] + [w16.clone() for _ in range(max(1, (256 << 20) // w16.numel() // 2) - 1)]
+            cublas = graph_us(lambda i: x @ w16s[i], len(w16s))
+            rows.append(dict(shape=name, n=n, k=k, m=m, bytes=nbytes, default=default, best=best, cublas_us=cublas,
+                             all=results))
+            print(f"{name:8} {m:>2} | {default.get('us', float('nan')):10.1f} {default.get('gbps', 0):5.0f} | "
+                  f"{best['us']:7.1f} {best['gbps']:5.0f} {str(best['config']):40} | {cublas:14.1f} "
+                  f"{cublas / best['us']:7.2f}x", flush=True)
+            del w16s
+        del qw, qz, sc, w16
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, group=GROUP, rows=rows),
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
