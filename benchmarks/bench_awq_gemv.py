@@ -10,8 +10,10 @@ holds the next call's weight), median of replays. GB/s counts qweight + qzeros +
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
+import os
 import statistics
 import sys
 
@@ -97,8 +99,10 @@ def main() -> int:
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, group=GROUP, rows=rows),
-                      f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           git_commit=os.environ.get("SWIFTLM_COMMIT", "unknown"), command=" ".join(sys.argv),
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           group=GROUP, rows=rows), f, indent=1)
     return 0
 
 

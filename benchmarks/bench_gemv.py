@@ -429,6 +429,8 @@ def main() -> int:
     print(config_literal(sorted(cases, key=lambda c: (c["dtype"], c["n"], c["k"], c["m"]))))
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    git_commit=os.environ.get("SWIFTLM_COMMIT", "unknown"), command=" ".join(sys.argv),
+                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     peak_gbps=args.peak_gbps, elapsed_s=elapsed, budget_s=args.budget_s, rel_tol=REL_TOL,
                     rotate_bytes=ROTATE_BYTES, min_calls=MIN_CALLS)
         args.json.write_text(json.dumps(dict(meta=meta, cases=cases, variants=rows,

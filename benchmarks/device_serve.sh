@@ -46,4 +46,4 @@ python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 16,32,64,128 --n
   --result-dir "$out/sweep_high" --label qwen3-8b-high 2>&1 | tail -6
 [ "$part" = sweep ] || python3 -m swiftlm bench reliability --base-url "http://127.0.0.1:$port" --model "$model" --users 1000 \
   --duration 120 --disable-tqdm --result-dir "$out/reliability" 2>&1 | tail -15
-pkill -f "swiftlm serve" || true
+pkill -f "[s]wiftlm serve" || true

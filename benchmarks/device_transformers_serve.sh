@@ -39,5 +39,5 @@ timeout 100 python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 1 --
   --result-dir "$out/c1" --label transformers-qwen3-8b-c1 2>&1 | grep -v "^wrote" | tail -4
 timeout 120 python3 -m swiftlm bench serve "${common[@]}" --max-concurrency 16 --num-prompts 16 \
   --result-dir "$out/c16" --label transformers-qwen3-8b-c16 2>&1 | grep -v "^wrote" | tail -4
-pkill -f "transformers serve" || true
+pkill -f "[t]ransformers serve" || true  # the bracket keeps pkill from matching a shell whose command line names it
 tail -5 "$out/transformers_serve.log"
