@@ -14,11 +14,11 @@ import datetime
 import itertools
 import json
 import os
-import statistics
 import sys
 
 import torch
 
+from graph_timer import graph_ms  # benchmarks/ is on sys.path when this script runs
 from swiftlm.kernels import awq
 
 SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (55296, 5120), "down": (5120, 27648)}  # (N, K)
@@ -28,26 +28,9 @@ GRID = [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
 CALLS = 20
 
 
-def graph_us(fn, copies: int, replays: int = 10) -> float:
-    """Median microseconds per call of fn(i) over a CUDA graph of CALLS calls cycling i over copies."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(CALLS):
-            fn(i % copies)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+def graph_us(fn, copies: int) -> float:
+    """Microseconds per call of fn(i) in a graph of CALLS calls cycling i over the weight copies."""
+    return 1e3 * graph_ms([lambda i=i: fn(i % copies) for i in range(CALLS)], reps=10)
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ import triton  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from graph_timer import graph_ms  # noqa: E402
 from swiftlm.kernels import fused_moe as fm  # noqa: E402
 from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
 from swiftlm.kernels.quant import quantize_weight_fp8_ref  # noqa: E402
@@ -89,32 +90,6 @@ def torch_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: tor
         y = F.linear(F.silu(gate) * up, w2[expert]) * weights[tokens, slots, None].to(x.dtype)
         out.index_add_(0, tokens, y)
     return out
-
-
-def graph_ms(fns: list[Callable[[], object]], reps: int = 20) -> float:
-    """Median per-call time of `fns` captured back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    del graph
-    return statistics.median(times)
 
 
 def eager_ms(fn: Callable[[], object]) -> float:
