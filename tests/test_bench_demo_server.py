@@ -44,8 +44,7 @@ def demo_server() -> Iterator[str]:
             time.sleep(0.2)
     yield url
     proc.send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal after its graceful shutdown, so the exit status names SIGTERM.
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0  # drained and shut down: a clean exit, not death by the signal
 
 
 def test_sweep_against_demo_server_writes_results(demo_server, tmp_path) -> None:

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -590,10 +591,12 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def _drain(self, sig: int) -> None:
-        logger.info("draining: no new requests; waiting up to %.0fs for %d in flight", self.drain_timeout,
-                    self.engine.num_in_flight)
+        logger.info("%s: draining: no new requests; waiting up to %.0fs for %d in flight", signal.Signals(sig).name,
+                    self.drain_timeout, self.engine.num_in_flight)
         await self.engine.drain(self.drain_timeout)
-        super().handle_exit(sig, None)
+        # Not handle_exit: uvicorn would re-raise the recorded signal after shutting down, and the process would
+        # die by SIGTERM instead of exiting 0 after the clean shutdown that the signal asked for.
+        self.should_exit = True
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
