@@ -82,6 +82,19 @@ def test_route_ties_go_to_lower_expert_ids() -> None:
     torch.testing.assert_close(weights, torch.full((3, 3), 1 / 3, device=DEVICE))
 
 
+@pytest.mark.parametrize("limit", [0, 3, 70])
+def test_route_counts_only_the_real_tokens(limit: int) -> None:
+    """CUDA-graph batches end with padding tokens: `count_limit` (a device scalar, read in the kernel) keeps them
+    out of the expert statistics while every token is still routed."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(70, 16, generator=gen).to(DEVICE)
+    counts = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    weights, ids = fm.route(logits, 4, True, expert_counts=counts,
+                            count_limit=torch.tensor([limit], dtype=torch.int32, device=DEVICE))
+    assert torch.equal(ids, fm.route_ref(logits, 4, True)[1])
+    assert torch.equal(counts, torch.bincount(ids[:limit].flatten().long(), minlength=16))
+
+
 def test_route_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="top_k"):
         fm.route(torch.zeros(2, 4), 5, True)

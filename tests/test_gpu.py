@@ -130,3 +130,22 @@ def test_tuned_gemv_configs_match_fp32_math() -> None:
         err = ((gk.gemv(x, w, scale).float() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, ((n, k, bucket, kind), err)
         assert w.dtype == (FP8_DTYPE if kind == "fp8" else torch.bfloat16)
+
+
+def test_expert_load_skips_graph_padding(tmp_path, make_llm) -> None:
+    """One prompt alone (5 tokens through the 32-token prefill graph, then batch-1 decode graphs), then three
+    together (decoding in the batch-4 graph, one padding row): the expert counts hold exactly the real tokens
+    (the KV-sizing profile run and every padding token count nothing)."""
+    cfg = tiny_config("qwen3_moe")
+    path = make_random_checkpoint(cfg, str(tmp_path / "moe"), dtype="bfloat16", seed=2)
+    llm = make_llm(path, expert_stats=True, gpu_memory_utilization=0.15, max_num_seqs=8)
+    runner = llm.engine.model_runner
+    assert 4 in runner.graphs and 32 in runner.prefill_graphs
+    assert llm.engine.expert_load().sum() == 0
+    params, new = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), 6
+    batches = [_prompts()[:1], _prompts()[:3]]
+    for prompts in batches:
+        llm.generate(prompts, params, use_tqdm=False)
+    tokens = sum(len(p) + new - 1 for prompts in batches for p in prompts)
+    routed = tokens * cfg["num_experts_per_tok"]
+    assert llm.engine.expert_load().sum(dim=1).tolist() == [routed] * cfg["num_hidden_layers"]

@@ -134,7 +134,7 @@ class LLMEngine:
     def expert_load(self, reset: bool = False) -> torch.Tensor:
         """Tokens routed to each expert, `[num_layers, num_experts]` on the host (dense layers are zero rows).
 
-        Needs `expert_stats=True`. Decode batches padded up to a CUDA-graph size count their padding rows too.
+        Needs `expert_stats=True`. Padding rows of CUDA-graph batches are not counted.
         """
         model = self.model_runner.model
         if not self.config.expert_stats:

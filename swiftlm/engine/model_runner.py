@@ -51,7 +51,8 @@ class _Segments:
         self.seq_lens = 3 * t
         self.cu_q = self.seq_lens + s
         self.logits_idx = self.cu_q + s + 1
-        self.block_tables = self.logits_idx + s
+        self.num_real_tokens = self.logits_idx + s
+        self.block_tables = self.num_real_tokens + 1
         self.total = self.block_tables + s * self.width
 
     def end(self, rows: int) -> int:
@@ -90,6 +91,8 @@ class ModelRunner:
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
+        if config.expert_stats:
+            self.model.reset_expert_stats()  # the KV-sizing profile run routed dummy tokens
         logger.info("model runner ready in %.1fs: %d KV blocks of %d tokens, %d CUDA graphs",
                     time.perf_counter() - start, self.num_blocks, self.block_size, len(self.graphs))
 
@@ -188,6 +191,10 @@ class ModelRunner:
                 d[s.seq_lens: s.seq_lens + rows], d[s.cu_q: s.cu_q + rows + 1],
                 d[s.logits_idx: s.logits_idx + rows], d[s.block_tables: s.end(rows)].view(rows, s.width))
 
+    def _real_tokens_view(self) -> torch.Tensor:
+        """[1] on the device: how many leading tokens of the step belong to a sequence (the rest pad a graph)."""
+        return self.dev_buf[self.seg.num_real_tokens: self.seg.num_real_tokens + 1]
+
     def _pack(self, batch: SchedulerOutput, rows: int, pad_tokens_to: int | None = None) -> tuple[int, int, list[int]]:
         """Fill the host buffer; returns (tokens, max query length, indices of sampling rows).
 
@@ -221,6 +228,7 @@ class ModelRunner:
             if item.samples:
                 h[s.logits_idx + len(sample_rows)] = t - 1
                 sample_rows.append(i)
+        h[s.num_real_tokens] = t
         for i in range(len(batch.scheduled), rows):  # CUDA-graph padding rows write to the reserved block 0
             h[s.ids + t] = 0
             h[s.pos + t] = 0
@@ -288,14 +296,15 @@ class ModelRunner:
     def _prefill_forward(self, tokens: int) -> None:
         """One sequence's (chunk of) prompt, padded to `tokens`, through the varlen paged-prefill kernel."""
         ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(1, tokens)
-        meta = AttentionMetadata(slots.long(), bt, seq_lens, cu_q, tokens, padded_tokens=True)
+        meta = AttentionMetadata(slots.long(), bt, seq_lens, cu_q, tokens, padded_tokens=True,
+                                 num_real_tokens=self._real_tokens_view())
         with forward_context(meta):
             hidden = self.model(ids, pos)
         self.model.compute_logits(hidden[logits_idx], out=self.logits_buf[:1])
 
     def _decode_forward(self, bs: int) -> None:
         ids, pos, slots, seq_lens, _, _, bt = self._views(bs, bs)
-        meta = AttentionMetadata(slots.long(), bt, seq_lens)
+        meta = AttentionMetadata(slots.long(), bt, seq_lens, num_real_tokens=self._real_tokens_view())
         with forward_context(meta):
             hidden = self.model(ids, pos)
         self.model.compute_logits(hidden, out=self.logits_buf[:bs])

@@ -87,14 +87,15 @@ def route_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tup
     return weights, ids.to(torch.int32)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-          expert_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, expert_counts: torch.Tensor | None = None,
+          count_limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits `[T, E]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32), weights in descending order.
 
     One Triton kernel on GPU (softmax, k rounds of arg-max, renormalize) instead of the five or so launches of
     the PyTorch version, which matters at decode where a 48-layer model runs it 48 times per step. Ties go to
     the lower expert id. `expert_counts` (`[E]` int64), when given, is incremented by the number of tokens
-    routed to each expert, with atomics in the same kernel: no extra launch and no host sync.
+    routed to each expert, with atomics in the same kernel: no extra launch and no host sync. `count_limit` (`[1]`
+    int32 on the device) counts only the first that many tokens: a CUDA-graph batch ends with padding tokens.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
@@ -106,7 +107,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if not can_use_triton(router_logits):
         weights, ids = route_ref(router_logits, top_k, renormalize)
         if expert_counts is not None:
-            flat = ids.reshape(-1).long()
+            flat = (ids if count_limit is None else ids[: int(count_limit[0])]).reshape(-1).long()
             expert_counts.index_add_(0, flat, torch.ones_like(flat))
         return weights, ids
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
@@ -116,9 +117,11 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     block_e = _pow2_at_least(num_experts)
     block_t = max(1, min(64, 4096 // block_e))
     _route_kernel[(_cdiv(num_tokens, block_t),)](
-        router_logits, weights, ids, weights if expert_counts is None else expert_counts, num_tokens, num_experts,
-        router_logits.stride(0), router_logits.stride(1), TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k),
-        RENORMALIZE=renormalize, COUNT=expert_counts is not None, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        router_logits, weights, ids, weights if expert_counts is None else expert_counts,
+        ids if count_limit is None else count_limit, num_tokens, num_experts, router_logits.stride(0),
+        router_logits.stride(1), TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize,
+        COUNT=expert_counts is not None, HAS_LIMIT=count_limit is not None, BLOCK_T=block_t, BLOCK_E=block_e,
+        num_warps=4)
     return weights, ids
 
 
@@ -391,9 +394,9 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
 if HAS_TRITON:
 
     @triton.jit
-    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, T, E, stride_t, stride_e,
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E, stride_t, stride_e,
                       TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                      HAS_LIMIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
         """BLOCK_T tokens: fp32 softmax over experts, then TOP_K rounds of (max, lowest index at the max)."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_e = tl.arange(0, BLOCK_E)
@@ -423,7 +426,10 @@ if HAS_TRITON:
         tl.store(weights_ptr + out_off, top_w, mask=out_mask)
         tl.store(ids_ptr + out_off, top_i, mask=out_mask)
         if COUNT:
-            tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, TOP_K_PAD), 1, tl.int64), mask=out_mask)
+            count_mask = out_mask
+            if HAS_LIMIT:
+                count_mask = count_mask & (rows < tl.load(limit_ptr))[:, None]
+            tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, TOP_K_PAD), 1, tl.int64), mask=count_mask)
 
     @triton.jit
     def _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,

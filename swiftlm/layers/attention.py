@@ -32,6 +32,8 @@ class AttentionMetadata:
     prompt lengths when every sequence starts at position 0 (no cached prefix), which lets the GPU use cuDNN
     attention on the new K/V directly. padded_tokens: the flat batch ends with tokens of no sequence (prefill
     CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
+    num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
+    prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
     """
 
     slot_mapping: torch.Tensor
@@ -42,6 +44,7 @@ class AttentionMetadata:
     decode_num_splits: int | None = None
     fresh_prefill_lens: list[int] | None = None
     padded_tokens: bool = False
+    num_real_tokens: torch.Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -64,6 +67,11 @@ def forward_context(meta: AttentionMetadata) -> Iterator[None]:
 def get_forward_context() -> AttentionMetadata:
     if _context is None:
         raise RuntimeError("attention called outside forward_context(); the model runner sets it")
+    return _context
+
+
+def current_forward_context() -> AttentionMetadata | None:
+    """The metadata of the forward in progress, if any (layers usable outside the engine, e.g. MoE, ask this)."""
     return _context
 
 

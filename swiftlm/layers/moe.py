@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from swiftlm.kernels.fused_moe import FP8_DTYPE, fused_moe, route
+from swiftlm.layers.attention import current_forward_context
 from swiftlm.layers.linear import set_weight_attrs
 
 SHARDS = ("gate", "up", "down")
@@ -129,6 +130,10 @@ class FusedMoE(nn.Module):
             self.expert_counts.zero_()
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(router_logits, self.top_k, self.renormalize, self.expert_counts)
+        limit = None
+        if self.expert_counts is not None:
+            meta = current_forward_context()
+            limit = meta.num_real_tokens if meta is not None else None
+        weights, ids = route(router_logits, self.top_k, self.renormalize, self.expert_counts, limit)
         return fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale)
 
