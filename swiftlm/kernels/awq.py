@@ -19,6 +19,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from swiftlm.kernels.gemv import store_tile
+    from swiftlm.kernels.quant import store_split_k_tile
 
 AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
@@ -144,7 +145,6 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
-        mask_n = offs_n < N
         a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
         k_begin = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
@@ -158,15 +158,7 @@ if HAS_TRITON:
                 acc = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), acc=acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w.to(a.dtype), acc=acc)
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc, mask=mask)
+        store_split_k_tile(acc, offs_m, offs_n, M, N, pid_k, bias_ptr, c_ptr, stride_cm, stride_cs, HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,

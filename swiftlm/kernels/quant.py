@@ -139,6 +139,21 @@ if HAS_TRITON:
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def store_split_k_tile(acc, offs_m, offs_n, M, N, pid_k, bias_ptr, c_ptr, stride_cm, stride_cs,
+                           HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Epilogue of the split-K GEMMs: with one split, add the bias and store in c's dtype; otherwise park this
+        split's fp32 partial at c[pid_k] ([S, M, N]) for `reduce_split_k`."""
+        mask_n = offs_n < N
+        mask = (offs_m < M)[:, None] & mask_n[None, :]
+        rows = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptr + rows, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(c_ptr + pid_k.to(tl.int64) * stride_cs + rows, acc, mask=mask)
+
+    @triton.jit
     def _fp8_gemm_small_m_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, K_PER_SPLIT,
                                  stride_am, stride_bn, stride_cm, stride_cs,
                                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -165,15 +180,7 @@ if HAS_TRITON:
         a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
         b_scale = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * a_scale[:, None] * b_scale[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c, acc, mask=mask)
+        store_split_k_tile(acc, offs_m, offs_n, M, N, pid_k, bias_ptr, c_ptr, stride_cm, stride_cs, HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
