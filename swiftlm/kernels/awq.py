@@ -20,6 +20,7 @@ if HAS_TRITON:
 
     from swiftlm.kernels.gemv import store_tile
     from swiftlm.kernels.quant import store_split_k_tile
+    from swiftlm.kernels.triton_support import swizzled_tile
 
 AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
@@ -136,11 +137,7 @@ if HAS_TRITON:
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = swizzled_tile(pid, num_m, num_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)

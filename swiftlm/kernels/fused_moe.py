@@ -41,6 +41,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from swiftlm.kernels.triton_support import swizzled_tile
+
 __all__ = [
     "LOW_LATENCY_MAX_PAIRS",
     "MoeTileConfig",
@@ -548,11 +550,7 @@ if HAS_TRITON:
         GROUP_M so consecutive programs share a weight tile (L2 reuse); blocks past the used length exit."""
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+        pid_m, pid_n = swizzled_tile(pid, num_m_blocks, num_n, GROUP_M)
         if pid_m * BLOCK_M >= tl.load(post_pad_ptr):
             return
         expert = tl.load(expert_ids_ptr + pid_m)

@@ -18,6 +18,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from swiftlm.kernels.triton_support import swizzled_tile
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_MIN_SCALE = 1e-12  # keeps an all-zero row from dividing by zero; such a row quantizes to zeros
@@ -190,11 +192,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = swizzled_tile(pid, num_m, num_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
