@@ -43,6 +43,7 @@ DEVICE = "cuda"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b" / "config.json"
 NUM_ROUTINGS = 32
 REL_TOL = {"bf16": 2e-2, "fp8": 3e-2}
+GEMV_BENCH_MAX_TOKENS = 8  # the GEMV path is also timed up to here, past where auto dispatch stops using it
 
 
 def moe_shapes(path: pathlib.Path) -> dict:
@@ -96,8 +97,11 @@ def eager_ms(fn: Callable[[], object]) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def paths_for(pairs: int) -> list[str]:
-    return ["low_latency", "grouped"] if pairs <= fm.LOW_LATENCY_MAX_PAIRS else ["grouped"]
+def paths_for(tokens: int, top_k: int) -> list[str]:
+    """Every path that takes this many tokens, the one auto dispatch picks first."""
+    paths = ["low_latency", "grouped"] if tokens * top_k <= fm.LOW_LATENCY_MAX_PAIRS else ["grouped"]
+    gemv = ["gemv"] if tokens <= GEMV_BENCH_MAX_TOKENS else []
+    return gemv + paths if tokens <= fm.GEMV_MAX_TOKENS else paths + gemv
 
 
 def check(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Generator) -> list[dict]:
@@ -106,9 +110,9 @@ def check(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     logits = torch.randn(tokens, shapes["num_experts"], device=DEVICE, generator=gen)
     weights, ids = fm.route(logits, shapes["top_k"], shapes["renormalize"])
     w13, w2, s13, s2 = experts.args(dtype)
-    ref = fm.fused_moe_ref(x, w13, w2, weights, ids, s13, s2).float()
     rows = []
-    for path in paths_for(tokens * shapes["top_k"]):
+    for path in paths_for(tokens, shapes["top_k"]):
+        ref = fm.fused_moe_ref(x, w13, w2, weights, ids, s13, s2, quantize_activations=path != "gemv").float()
         out = fm.fused_moe(x, w13, w2, weights, ids, s13, s2, path=path).float()
         rel = ((out - ref).norm() / ref.norm()).item()
         rows.append(dict(tokens=tokens, dtype=dtype, path=path, rel_err=rel, max_abs_err=(out - ref).abs().max().item(),
@@ -137,8 +141,8 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
         return run
 
     rows = []
-    auto = paths_for(tokens * k)[0]
-    for path in paths_for(tokens * k):
+    auto = paths_for(tokens, k)[0]
+    for path in paths_for(tokens, k):
         g = graph_ms([layer(r, path) for r in routings])
         eager = eager_ms(layer(routings[0], path))
         rows.append(dict(tokens=tokens, pairs=tokens * k, dtype=dtype, path=path, auto=path == auto,
@@ -152,7 +156,8 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
     return rows
 
 
-def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Generator) -> list[dict]:
+def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Generator,
+          paths: list[str]) -> list[dict]:
     """Time tile variants for one GEMM at a time (the other keeps its heuristic tiles); best first per GEMM."""
     e, k, h, i = shapes["num_experts"], shapes["top_k"], shapes["hidden"], shapes["inter"]
     x = torch.randn(tokens, h, device=DEVICE, generator=gen).to(torch.bfloat16)
@@ -161,8 +166,13 @@ def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     w13, w2, s13, s2 = experts.args(dtype)
     pairs = tokens * k
     rows = []
-    for path in paths_for(pairs):
-        if path == "low_latency":
+    for path in [p for p in paths_for(tokens, k) if p in paths]:
+        if path == "gemv":
+            base = fm.gemv_configs(h, i, w13.dtype)
+            per_warp = 512 // w13.element_size()
+            variants = [fm.MoeGemvConfig(bn, bk, w) for bn in (2, 4, 8, 16) for bk, w in
+                        ((per_warp, 4), (per_warp, 1), (per_warp * 4, 4), (per_warp * 4, 8))]
+        elif path == "low_latency":
             base = (fm.low_latency_config(pairs, e, i, h, True, w13.dtype),
                     fm.low_latency_config(pairs, e, h, i, False, w2.dtype))
             variants = [MoeTileConfig(16, bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (128, 256)
@@ -223,6 +233,8 @@ def main() -> int:
     parser.add_argument("--peak-gbps", type=float, default=3000.0)
     parser.add_argument("--json", type=pathlib.Path, help="write all figures here")
     parser.add_argument("--sweep", action="store_true", help="also time tile variants per GEMM")
+    parser.add_argument("--sweep-paths", nargs="+", default=["gemv", "low_latency", "grouped"],
+                        choices=["gemv", "low_latency", "grouped"], help="paths whose tiles --sweep varies")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -243,7 +255,7 @@ def main() -> int:
             rows += bench(experts, shapes, t, dtype, args.peak_gbps, gen)
             print(f"bench T={t} {dtype} done", flush=True)
             if args.sweep:
-                sweeps += sweep(experts, shapes, t, dtype, gen)
+                sweeps += sweep(experts, shapes, t, dtype, gen, args.sweep_paths)
 
     print_table(rows, checks, args.peak_gbps)
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,7 +34,7 @@ def timed(name: str, fn):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/qwen3-8b")
-    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=256, help="throughput-run prompts; 0 skips that run")
     args = ap.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=256)
     engine, runner = llm.engine, llm.engine.model_runner
@@ -73,7 +74,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.graphs[1].replay()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50))
     engine.abort_request("d")
     engine.step()
     for n in (512, 8000):
@@ -90,6 +91,13 @@ def main() -> None:
         engine.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
+    if args.num_prompts:
+        throughput_run(llm, ids, args.num_prompts)
+
+
+def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) -> None:
+    """Offline num_prompts x (1024 in / 256 out): wall time, step mix and engine phases."""
+    engine = llm.engine
     PHASES.clear()
     steps = collections.Counter()
     orig = engine.scheduler.schedule
@@ -101,10 +109,10 @@ def main() -> None:
         return out
     engine.scheduler.schedule = count
     t = time.perf_counter()
-    llm.generate([ids(1024) for _ in range(args.num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
-                                                                           temperature=0.0), use_tqdm=False)
+    llm.generate([ids(1024) for _ in range(num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
+                                                                      temperature=0.0), use_tqdm=False)
     total = time.perf_counter() - t
-    print(f"throughput run: {total:.2f} s, {args.num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
+    print(f"throughput run: {total:.2f} s, {num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
           "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
 
 

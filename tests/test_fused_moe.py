@@ -165,6 +165,39 @@ def test_low_latency_matches_reference(tokens, num_experts, top_k, hidden, inter
     _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
 
 
+GEMV_CASES = [
+    # tokens, experts, top_k, hidden, inter, configs (None = heuristic)
+    pytest.param(1, 16, 2, 64, 32, None, id="T1-E16"),
+    pytest.param(1, 8, 8, 64, 32, None, id="T1-every-expert"),
+    pytest.param(2, 4, 3, 64, 32, None, id="T2-shared-experts"),
+    pytest.param(2, 8, 2, 48, 24, (fm.MoeGemvConfig(4, 32, 1), fm.MoeGemvConfig(8, 16, 1)), id="T2-ragged-K-N"),
+    pytest.param(3, 8, 2, 64, 32, (fm.MoeGemvConfig(16, 64, 2), fm.MoeGemvConfig(2, 32, 1)), id="T3-forced"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter,configs", GEMV_CASES)
+def test_gemv_matches_reference(tokens, num_experts, top_k, hidden, inter, configs, dtype) -> None:
+    w13, w2 = experts(num_experts, hidden, inter, dtype)
+    weights, ids = routing(tokens, num_experts, top_k)
+    x = activations(tokens, hidden, dtype)
+    out = fm.fused_moe(x, w13, w2, weights, ids, path="gemv", configs=configs)
+    _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
+
+
+@needs_kernels
+def test_gemv_token_result_does_not_depend_on_the_batch() -> None:
+    """Each token's top-k sum runs in a fixed order inside one program, so a token's bits are the same alone or
+    beside another token (what makes batched decode reproducible)."""
+    w13, w2 = experts(8, 64, 32, torch.bfloat16)
+    weights, ids = routing(2, 8, 4)
+    x = activations(2, 64, torch.bfloat16)
+    both = fm.fused_moe(x, w13, w2, weights, ids, path="gemv")
+    alone = fm.fused_moe(x[1:], w13, w2, weights[1:], ids[1:], path="gemv")
+    assert torch.equal(both[1:], alone)
+
+
 GROUPED_CASES = CASES[:3] + [
     pytest.param(17, 8, 2, 64, 32, None, (MoeTileConfig(32, 32, 32), MoeTileConfig(32, 64, 32)), id="T17-bm32"),
     pytest.param(70, 16, 4, 64, 32, None, None, id="T70-k4"),
@@ -211,19 +244,23 @@ def test_ref_matches_per_expert_loop() -> None:
 
 
 @needs_kernels
-def test_auto_path_dispatch_by_pair_count(monkeypatch) -> None:
-    """Up to LOW_LATENCY_MAX_PAIRS pairs nothing is sorted (low-latency path); one pair more aligns."""
-    calls: list[int] = []
-    align = fm.align_tokens
-    monkeypatch.setattr(fm, "align_tokens", lambda ids, e, bm: calls.append(bm) or align(ids, e, bm))
+def test_auto_path_dispatch_by_token_and_pair_count(monkeypatch) -> None:
+    """Up to GEMV_MAX_TOKENS tokens the GEMV kernels run; then up to LOW_LATENCY_MAX_PAIRS pairs nothing is sorted
+    (low-latency path); one pair more aligns (grouped path)."""
+    calls: list[str] = []
+    align, gemv = fm.align_tokens, fm._moe_gemv
+    monkeypatch.setattr(fm, "align_tokens", lambda *a: calls.append("grouped") or align(*a))
+    monkeypatch.setattr(fm, "_moe_gemv", lambda *a: calls.append("gemv") or gemv(*a))
     w13, w2 = experts(8, 32, 16, torch.float32)
-    for tokens, aligned in ((fm.LOW_LATENCY_MAX_PAIRS // 2, False), (fm.LOW_LATENCY_MAX_PAIRS // 2 + 1, True)):
+    half = fm.LOW_LATENCY_MAX_PAIRS // 2
+    for tokens, path in ((fm.GEMV_MAX_TOKENS, ["gemv"]), (fm.GEMV_MAX_TOKENS + 1, []), (half, []),
+                         (half + 1, ["grouped"])):
         calls.clear()
         weights, ids = routing(tokens, 8, 2)
         x = activations(tokens, 32, torch.float32)
         out = fm.fused_moe(x, w13, w2, weights, ids)
         _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.float32)
-        assert bool(calls) == aligned
+        assert calls == path
 
 
 @needs_kernels
@@ -238,6 +275,13 @@ def test_bad_inputs_and_empty_batch() -> None:
                      configs=(MoeTileConfig(16, 16, 16), MoeTileConfig(32, 16, 16)))
     with pytest.raises(ValueError, match="w2"):
         fm.fused_moe(x, w13, w2[:, :8], weights, ids)
+    with pytest.raises(ValueError, match="MoeGemvConfig"):
+        fm.fused_moe(x[:1], w13, w2, weights[:1], ids[:1], path="gemv", configs=(SMALL, SMALL))
+    with pytest.raises(ValueError, match="powers of two"):
+        fm.fused_moe(x[:1], w13, w2, weights[:1], ids[:1], path="gemv",
+                     configs=(fm.MoeGemvConfig(3, 32), fm.MoeGemvConfig(4, 32)))
+    with pytest.raises(ValueError, match="path"):
+        fm.fused_moe(x, w13, w2, weights, ids, path="fast")
     empty = fm.fused_moe(x[:0], w13, w2, weights[:0], ids[:0])
     assert empty.shape == (0, 16)
 
@@ -245,9 +289,11 @@ def test_bad_inputs_and_empty_batch() -> None:
 # ---- FP8 PTPC ------------------------------------------------------------------------------------------------
 
 @needs_kernels
-@pytest.mark.parametrize("path,tokens", [("low_latency", 3), ("grouped", 3), ("grouped", 40)])
+@pytest.mark.parametrize("path,tokens", [("gemv", 2), ("low_latency", 3), ("grouped", 3), ("grouped", 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_matches_reference(path: str, tokens: int, dtype: torch.dtype) -> None:
+    """Tensor-core paths are W8A8 (activations quantized per row), the GEMV path W8A16; each against the
+    reference doing the same."""
     from swiftlm.kernels.quant import quantize_weight_fp8_ref
 
     w13, w2 = experts(8, 64, 32, dtype)
@@ -257,7 +303,7 @@ def test_fp8_matches_reference(path: str, tokens: int, dtype: torch.dtype) -> No
     weights, ids = routing(tokens, 8, 2)
     x = activations(tokens, 64, dtype)
     out = fm.fused_moe(x, q13, q2, weights, ids, s13, s2, path=path)
-    ref = fm.fused_moe_ref(x, q13, q2, weights, ids, s13, s2)
+    ref = fm.fused_moe_ref(x, q13, q2, weights, ids, s13, s2, quantize_activations=path != "gemv")
     # Same math as the reference; bf16 can flip an fp8 rounding of the intermediate, hence the looser bound.
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)

@@ -7,8 +7,15 @@ Weights are stacked per expert and row-major in the reduction dim: `w13 [E, 2I, 
           -> GEMM2: . @ w2[e].T scaled by the routing weight in the epilogue          -> [T, k, H]
           -> sum over the k slots of each token                                      -> [T, H]
 
-A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Two ways to run the GEMMs:
+A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Three ways to run the GEMMs:
 
+* GEMV (at most `GEMV_MAX_TOKENS` tokens, i.e. batch-1/2 decode): CUDA-core dot products, no tensor cores, the
+  dense decode GEMV's design (`kernels/gemv.py`). GEMM1 runs on grid (pair, N tile), each program streaming the
+  gate and up rows of its tile of its pair's expert; GEMM2 runs on grid (token, N tile), each program walking the
+  token's k experts and summing their routing-weighted rows in fp32, so the top-k sum needs no extra pass. FP8
+  weights are W8A16 here (e4m3 tiles upcast in registers, activations not quantized), as in the dense decode GEMV.
+  A pair's expert is read once per pair: exact for one token (its k experts are distinct), and at two tokens a
+  shared expert is at worst read twice.
 * low latency (at most `LOW_LATENCY_MAX_PAIRS` pairs, i.e. decode): grid (pair, N tile). The program of the first
   pair routed to an expert (its "leader") gathers every pair of that expert and streams that expert's weight tile
   exactly once; the other programs exit after one 256-byte load. No sort or alignment kernels run, so a decode
@@ -16,7 +23,7 @@ A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Two ways
 * grouped (prefill and large batches): `align_tokens` sorts the pairs by expert and pads each expert's run to
   BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N tensor-core tile.
 
-The top-k sum is a separate reduce over a `[T, k, H]` buffer rather than atomics into an fp32 output: it is
+On the two tensor-core paths the top-k sum is a separate reduce over a `[T, k, H]` buffer rather than atomics into an fp32 output: it is
 deterministic (same bits run to run and whatever else shares the batch), needs no zero-fill or fp32 -> dtype cast
 pass, and costs about what the atomics' read-modify-write traffic would.
 
@@ -41,14 +48,18 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from swiftlm.kernels.gemv import fma_tile
     from swiftlm.kernels.triton_support import swizzled_tile
 
 __all__ = [
+    "GEMV_MAX_TOKENS",
     "LOW_LATENCY_MAX_PAIRS",
+    "MoeGemvConfig",
     "MoeTileConfig",
     "align_tokens",
     "fused_moe",
     "fused_moe_ref",
+    "gemv_configs",
     "grouped_config",
     "low_latency_config",
     "route",
@@ -56,6 +67,8 @@ __all__ = [
 ]
 
 
+# Tokens up to which the GEMV path runs.
+GEMV_MAX_TOKENS = 2
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
 FP8_DTYPE = torch.float8_e4m3fn
@@ -180,18 +193,20 @@ def _quant_ops():
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None = None, quantize_activations: bool = True) -> torch.Tensor:
     """PyTorch loop over the experts that received tokens (fp32 math): the test oracle and the CPU path.
 
     It rounds where the kernels do (the SwiGLU output and each pair's weighted row to x's dtype) and, for fp8
-    weights, quantizes activations per row exactly like the kernels, so differences are summation order only.
-    Reads the routing on the host, so it is not graph-capturable.
+    weights, quantizes activations per row exactly like the tensor-core kernels (`quantize_activations=False`:
+    W8A16, like the GEMV path), so differences are summation order only. Reads the routing on the host, so it
+    is not graph-capturable.
     """
     num_tokens, hidden = x.shape
     inter = w2.shape[2]
     fp8 = w13.dtype == FP8_DTYPE
+    quantize = fp8 and quantize_activations
     a = x.float()
-    if fp8:
+    if quantize:
         q, s = _quant_ops().per_token_quant_fp8_ref(x)
         a = q.float() * s
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
@@ -201,7 +216,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         w_down = w2[expert].float() * (w2_scale[expert] if fp8 else 1.0)
         gate, up = F.linear(a[tokens], w_up).split(inter, dim=-1)
         act = (F.silu(gate) * up).to(x.dtype)
-        if fp8:
+        if quantize:
             q, s = _quant_ops().per_token_quant_fp8_ref(act)
             act = q.float() * s
         y = F.linear(act.float(), w_down) * topk_weights[tokens, slots, None].float()
@@ -224,6 +239,26 @@ class MoeTileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 1
+
+
+@dataclass(frozen=True)
+class MoeGemvConfig:
+    """One GEMV-path GEMM's tiling: BLOCK_N output rows per program (GEMM1: intermediate columns, each with a gate
+    and an up row) and BLOCK_K weights per row per step. As in the dense GEMV, a BLOCK_K of 32 lanes x 16 bytes x
+    num_warps puts the warps side by side along K; a smaller one stacks them along N."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+def gemv_configs(hidden: int, inter: int, weight_dtype: torch.dtype) -> tuple[MoeGemvConfig, MoeGemvConfig]:
+    """(GEMM1, GEMM2) GEMV tiles: 4 rows per program so even one token's 8 experts fill the SMs many times over,
+    and K steps of one 16-byte vector per lane (bounded by K, so tiny test shapes waste no lanes)."""
+    per_warp = 32 * 16 // torch.empty((), dtype=weight_dtype).element_size()
+    up = MoeGemvConfig(4, max(32, min(per_warp * 4, _pow2_at_least(hidden))), 4)
+    down = MoeGemvConfig(4, max(32, min(per_warp, _pow2_at_least(inter))), 4)
+    return up, down
 
 
 def _fit(cfg: MoeTileConfig, n: int, k: int, fused: bool, itemsize: int) -> MoeTileConfig:
@@ -295,29 +330,42 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              *, path: str = "auto", configs: tuple[MoeTileConfig, MoeTileConfig] | None = None) -> torch.Tensor:
+              *, path: str = "auto",
+              configs: tuple[MoeTileConfig, MoeTileConfig] | tuple[MoeGemvConfig, MoeGemvConfig] | None = None
+              ) -> torch.Tensor:
     """Mixture-of-experts FFN: x `[T, H]` -> `[T, H]` in x's dtype.
 
-    `path`: "auto" (low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, else grouped), "low_latency" or
-    "grouped". `configs` overrides the (GEMM1, GEMM2) tiles (tests, benchmark sweeps). Capturable in a CUDA
-    graph: no host syncs, and every launch's grid depends only on shapes.
+    `path`: "auto" (GEMV when `T <= GEMV_MAX_TOKENS`, low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, else
+    grouped), "gemv", "low_latency" or "grouped". `configs` overrides the (GEMM1, GEMM2) tiles (tests, benchmark
+    sweeps): `MoeGemvConfig`s for "gemv", `MoeTileConfig`s otherwise. Capturable in a CUDA graph: no host syncs,
+    and every launch's grid depends only on shapes.
     """
     _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    if not can_use_triton(x):
-        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    if num_pairs == 0:
-        return torch.zeros_like(x)
     if path == "auto":
-        path = "low_latency" if num_pairs <= LOW_LATENCY_MAX_PAIRS else "grouped"
+        path = ("gemv" if num_tokens <= GEMV_MAX_TOKENS else
+                "low_latency" if num_pairs <= LOW_LATENCY_MAX_PAIRS else "grouped")
+    if path not in ("gemv", "low_latency", "grouped"):
+        raise ValueError(f"path must be auto, gemv, low_latency or grouped, got {path!r}")
     if path == "low_latency" and num_pairs > LOW_LATENCY_MAX_PAIRS:
         raise ValueError(f"the low-latency path takes at most {LOW_LATENCY_MAX_PAIRS} pairs, got {num_pairs}")
-    if path not in ("low_latency", "grouped"):
-        raise ValueError(f"path must be auto, low_latency or grouped, got {path!r}")
+    config_type = MoeGemvConfig if path == "gemv" else MoeTileConfig
+    if configs is not None and not all(isinstance(c, config_type) for c in configs):
+        raise ValueError(f"the {path} path takes two {config_type.__name__}s")
+    if not can_use_triton(x):
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                             quantize_activations=path != "gemv")
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    if path == "gemv":
+        return _moe_gemv(x, w13, w2, w13_scale, w2_scale, ids, weights, top_k,
+                         configs or gemv_configs(hidden, inter, w13.dtype))
 
     if configs is None:
         if path == "low_latency":
@@ -330,8 +378,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if path == "grouped" and configs[0].block_m != configs[1].block_m:
         raise ValueError("both grouped GEMMs share one alignment, so their block_m must match")
 
-    ids = topk_ids.reshape(-1).to(torch.int32)
-    weights = topk_weights.reshape(-1).to(torch.float32)
     alignment = align_tokens(ids, num_experts, configs[0].block_m) if path == "grouped" else None
     fp8 = w13.dtype == FP8_DTYPE
 
@@ -344,6 +390,33 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _gemm(a2, a2_scale, w2, w2_scale, per_pair.view(num_pairs, hidden), ids, weights, alignment, top_k, 0,
           configs[1], first=False)
     return per_pair.sum(dim=1)
+
+
+def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+              w2_scale: torch.Tensor | None, ids: torch.Tensor, weights: torch.Tensor, top_k: int,
+              configs: tuple[MoeGemvConfig, MoeGemvConfig]) -> torch.Tensor:
+    """The GEMV path: two launches, GEMM1 -> act `[T*k, I]` (SiLU-and-mul fused), GEMM2 -> out `[T, H]`."""
+    for cfg in configs:
+        if any(v < 1 or v & (v - 1) for v in (cfg.block_n, cfg.block_k, cfg.num_warps)):
+            raise ValueError(f"GEMV tiles must be powers of two, got {cfg}")
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    fp8 = w13.dtype == FP8_DTYPE
+    chunk = 16 // w13.element_size()  # one 16-byte weight vector per lane, as in the dense GEMV
+    s13 = w13_scale if fp8 else w13
+    s2 = w2_scale if fp8 else w2
+    act = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)
+    up, down = configs
+    _moe_gemv_up_kernel[(ids.numel(), _cdiv(inter, up.block_n))](
+        x, w13, s13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        act.stride(0), N=inter, K=hidden, TOP_K=top_k, FP8=fp8, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
+        CHUNK=min(chunk, up.block_k), num_warps=up.num_warps)
+    out = torch.empty_like(x)
+    _moe_gemv_down_kernel[(num_tokens, _cdiv(hidden, down.block_n))](
+        act, w2, s2, ids, weights, out, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
+        out.stride(0), N=hidden, K=inter, TOP_K=top_k, FP8=fp8, BLOCK_N=down.block_n, BLOCK_K=down.block_k,
+        CHUNK=min(chunk, down.block_k), num_warps=down.num_warps)
+    return out
 
 
 _TORCH_TO_TL: dict[torch.dtype, object] = {}
@@ -569,3 +642,68 @@ if HAS_TRITON:
         _store_tile(acc_g, acc_u, c_ptr, pairs, pair_mask, offs_n, w_rows, N, stride_cm, stride_cn,
                     a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
                     FUSE_SILU, APPLY_ROUTING, FP8)
+
+    @triton.jit
+    def _gemv_rows(acc, rows_ptr, x_row_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   CHUNK: tl.constexpr):
+        """acc `[1, BLOCK_N, BLOCK_K // CHUNK]` += chunk sums of rows `[BLOCK_N, K]` times one activation row,
+        K statically unrolled (every step's load can be issued up front); only a ragged last step is masked."""
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if k0 + BLOCK_K <= K:
+                w = tl.load(rows_ptr + k[None, :], eviction_policy="evict_first")
+                acc = fma_tile(acc, w, x_row_ptr, 0, 1, k, K, False, 1, BLOCK_N, BLOCK_K, CHUNK)
+            else:
+                w = tl.load(rows_ptr + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
+                acc = fma_tile(acc, w, x_row_ptr, 0, 1, k, K, True, 1, BLOCK_N, BLOCK_K, CHUNK)
+        return acc
+
+    @triton.jit
+    def _moe_gemv_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, stride_xm, stride_we, stride_wn, stride_se,
+                            stride_sn, stride_am, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+                            FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        """Program (pair, N tile): act[pair, n] = SiLU(gate_n . x) * (up_n . x) with the pair's expert's gate rows
+        n and up rows N + n, x the pair's token."""
+        pair = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n % N  # rows past N re-read a valid row (unmasked, vectorized loads); never stored
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
+        acc_g = _gemv_rows(tl.zeros([1, BLOCK_N, BLOCK_K // CHUNK], tl.float32), gate_rows, x_row, K, BLOCK_N,
+                           BLOCK_K, CHUNK)
+        acc_u = _gemv_rows(tl.zeros([1, BLOCK_N, BLOCK_K // CHUNK], tl.float32), gate_rows + N * stride_wn, x_row,
+                           K, BLOCK_N, BLOCK_K, CHUNK)
+        gate = tl.sum(acc_g, axis=2)
+        up = tl.sum(acc_u, axis=2)
+        if FP8:
+            scales = s_ptr + expert * stride_se + rows * stride_sn
+            gate = gate * tl.load(scales)[None, :]
+            up = up * tl.load(scales + N * stride_sn)[None, :]
+        out = gate * tl.sigmoid(gate) * up
+        tl.store(act_ptr + pair * stride_am + offs_n[None, :], out.to(act_ptr.dtype.element_ty),
+                 mask=offs_n[None, :] < N)
+
+    @triton.jit
+    def _moe_gemv_down_kernel(act_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr, stride_am, stride_we, stride_wn,
+                              stride_se, stride_sn, stride_om, N: tl.constexpr, K: tl.constexpr,
+                              TOP_K: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              CHUNK: tl.constexpr):
+        """Program (token, N tile): out[t, n] = sum over the token's k slots of weight * (down_n . act[pair]), the
+        slots in order in fp32, so the result does not depend on which other tokens share the batch."""
+        token = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n % N
+        total = tl.zeros([1, BLOCK_N], tl.float32)
+        for slot in tl.static_range(TOP_K):
+            pair = token * TOP_K + slot
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+            acc = _gemv_rows(tl.zeros([1, BLOCK_N, BLOCK_K // CHUNK], tl.float32), w_rows,
+                             act_ptr + pair.to(tl.int64) * stride_am, K, BLOCK_N, BLOCK_K, CHUNK)
+            part = tl.sum(acc, axis=2) * tl.load(topk_w_ptr + pair)
+            if FP8:
+                part = part * tl.load(s_ptr + expert * stride_se + rows * stride_sn)[None, :]
+            total += part
+        tl.store(out_ptr + token * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=offs_n[None, :] < N)

@@ -229,7 +229,7 @@ if HAS_TRITON:
         return tl.sum(tl.reshape(w * x.to(tl.float32)[None, :], (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
 
     @triton.jit
-    def _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    def fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         """acc [BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] += chunk sums of x[m, k] * w[n, k] for every row m.
 
@@ -269,11 +269,11 @@ if HAS_TRITON:
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            acc = _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
         if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
             k = k_full + offs_k
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
-            acc = _fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
         store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
                     cnt_ptr, stride_om, HAS_SCALE, HAS_BIAS)
 
