@@ -9,13 +9,14 @@ Weights are stacked per expert and row-major in the reduction dim: `w13 [E, 2I, 
 
 A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Three ways to run the GEMMs:
 
-* GEMV (at most `GEMV_MAX_TOKENS` tokens, i.e. batch-1/2 decode): CUDA-core dot products, no tensor cores, the
+* GEMV (at most `GEMV_MAX_TOKENS` tokens, i.e. small-batch decode): CUDA-core dot products, no tensor cores, the
   dense decode GEMV's design (`kernels/gemv.py`). GEMM1 runs on grid (pair, N tile), each program streaming the
   gate and up rows of its tile of its pair's expert; GEMM2 runs on grid (token, N tile), each program walking the
   token's k experts and summing their routing-weighted rows in fp32, so the top-k sum needs no extra pass. FP8
   weights are W8A16 here (e4m3 tiles upcast in registers, activations not quantized), as in the dense decode GEMV.
-  A pair's expert is read once per pair: exact for one token (its k experts are distinct), and at two tokens a
-  shared expert is at worst read twice.
+  A pair's expert is read once per pair: once per step for one token (its k experts are distinct); with a few
+  tokens an expert they share is read by each (the second read often hits L2), which still beat the
+  low-latency path's read-once gather up to 8 tokens.
 * low latency (at most `LOW_LATENCY_MAX_PAIRS` pairs, i.e. decode): grid (pair, N tile). The program of the first
   pair routed to an expert (its "leader") gathers every pair of that expert and streams that expert's weight tile
   exactly once; the other programs exit after one 256-byte load. No sort or alignment kernels run, so a decode
@@ -67,8 +68,9 @@ __all__ = [
 ]
 
 
-# Tokens up to which the GEMV path runs.
-GEMV_MAX_TOKENS = 2
+# Tokens up to which the GEMV path runs: on the H100 it beat the low-latency path at 1, 2, 4 and 8 tokens (bf16 and
+# fp8, Qwen3-30B-A3B shapes; 8 is the largest count measured).
+GEMV_MAX_TOKENS = 8
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
 FP8_DTYPE = torch.float8_e4m3fn
@@ -253,11 +255,17 @@ class MoeGemvConfig:
 
 
 def gemv_configs(hidden: int, inter: int, weight_dtype: torch.dtype) -> tuple[MoeGemvConfig, MoeGemvConfig]:
-    """(GEMM1, GEMM2) GEMV tiles: 4 rows per program so even one token's 8 experts fill the SMs many times over,
-    and K steps of one 16-byte vector per lane (bounded by K, so tiny test shapes waste no lanes)."""
-    per_warp = 32 * 16 // torch.empty((), dtype=weight_dtype).element_size()
-    up = MoeGemvConfig(4, max(32, min(per_warp * 4, _pow2_at_least(hidden))), 4)
-    down = MoeGemvConfig(4, max(32, min(per_warp, _pow2_at_least(inter))), 4)
+    """(GEMM1, GEMM2) GEMV tiles, from the H100 sweep in `benchmarks/bench_moe.py --sweep` (Qwen3-30B-A3B shapes,
+    1 and 2 tokens; `benchmarks/results/moe_layer_h100_*`): 2 rows per program, so even one token's 8 experts
+    fill the SMs many times over; GEMM1 steps 4 warps side by side along K. GEMM2 (K = I, short) takes all of K
+    in one 4-warp step for 16-bit weights; fp8 was fastest with one warp per 512-weight step."""
+    itemsize = torch.empty((), dtype=weight_dtype).element_size()
+    per_warp = 32 * 16 // itemsize
+    up = MoeGemvConfig(2, max(32, min(per_warp * 4, _pow2_at_least(hidden))), 4)
+    if itemsize == 2:
+        down = MoeGemvConfig(2, max(32, min(per_warp * 4, _pow2_at_least(inter))), 4)
+    else:
+        down = MoeGemvConfig(2, max(32, min(per_warp, _pow2_at_least(inter))), 1)
     return up, down
 
 
