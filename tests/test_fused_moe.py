@@ -102,6 +102,55 @@ def test_route_rejects_bad_arguments() -> None:
         fm.route(torch.zeros(2, 4), 2, True, expert_counts=torch.zeros(4, dtype=torch.int32))
 
 
+@needs_kernels
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden", [(1, 16, 4, 64), (3, 8, 2, 48), (8, 128, 8, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_route_matches_gate_then_route(tokens: int, num_experts: int, top_k: int, hidden: int,
+                                            dtype: torch.dtype) -> None:
+    """The fused decode kernel (gate GEMV + routing by the last program) equals F.linear + route_ref, and its
+    counters are back at zero after each launch (two launches in a row give the same answer)."""
+    from swiftlm.kernels.gemv import split_counters
+
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    gate = (torch.randn(num_experts, hidden, generator=gen) / math.sqrt(hidden)).to(DEVICE, dtype)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=DEVICE)
+    logits = x.float() @ gate.float().t()  # fp32 sums rounded to the activation dtype, as a linear's output
+    if dtype == torch.bfloat16 and fm.TRITON_INTERPRETED:  # the interpreter's fp32 -> bf16 cast truncates
+        logits = (logits.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    else:
+        logits = logits.to(dtype)
+    want_w, want_i = fm.route_ref(logits, top_k, renormalize=True)
+    for _ in range(2):
+        weights, ids = fm.gate_route(x, gate, top_k, True, counts)
+        assert split_counters(x.device, 1)[0] == 0
+        # The same experts up to ties of rounded logits (torch.topk breaks ties either way; the kernel: lower id).
+        assert torch.equal(logits.gather(1, ids.long()), logits.gather(1, want_i.long()))
+        torch.testing.assert_close(weights, want_w, **(dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else
+                                                       dict(atol=5e-3, rtol=1e-2)))
+    assert torch.equal(counts, 2 * torch.bincount(ids.flatten().long(), minlength=num_experts))
+
+
+@needs_kernels
+def test_gate_route_counts_only_real_tokens_and_falls_back_past_gemv_sizes(monkeypatch) -> None:
+    """The real-token limit applies in the fused kernel; past GEMV_MAX_TOKENS the gate GEMM and `route` run."""
+    x = activations(fm.GEMV_MAX_TOKENS + 1, 32, torch.float32)
+    gate = torch.randn(8, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    counts = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    limit = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    _, ids = fm.gate_route(x[:4], gate, 2, False, counts, limit)
+    assert torch.equal(counts, torch.bincount(ids[:2].flatten().long(), minlength=8))
+    calls = []
+    route = fm.route
+    monkeypatch.setattr(fm, "route", lambda *a: calls.append(a[0].shape) or route(*a))
+    weights, ids = fm.gate_route(x, gate, 2, False)
+    assert calls == [(fm.GEMV_MAX_TOKENS + 1, 8)]
+    want_w, want_i = fm.route_ref(x @ gate.t(), 2, False)
+    assert torch.equal(ids, want_i) and torch.allclose(weights, want_w, atol=1e-6)
+    with pytest.raises(ValueError, match="gate weight"):
+        fm.gate_route(x, gate.t(), 2, False)
+
+
 # ---- alignment -----------------------------------------------------------------------------------------------
 
 def _align_oracle(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[list[int], list[int], int]:
@@ -370,9 +419,9 @@ def test_layer_forward_and_expert_stats(tokens: int) -> None:
     _load(layer, tensors)
     layer.enable_expert_stats()
     x = activations(tokens, 32, torch.float32)
-    logits = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    out = layer(x, logits)
-    probs = torch.softmax(logits.cpu(), -1)
+    gate = torch.randn(8, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out = layer(x, gate)
+    probs = torch.softmax(x.cpu() @ gate.cpu().t(), -1)
     top_w, top_i = torch.topk(probs, 2, -1)
     top_w = top_w / top_w.sum(-1, keepdim=True)
     want = torch.zeros(tokens, 32)
@@ -382,7 +431,7 @@ def test_layer_forward_and_expert_stats(tokens: int) -> None:
             h = torch.nn.functional.silu(tensors[e, "gate"] @ x[t].cpu()) * (tensors[e, "up"] @ x[t].cpu())
             want[t] += top_w[t, j] * (tensors[e, "down"] @ h)
     torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
-    layer(x, logits)
+    layer(x, gate)
     assert torch.equal(layer.expert_counts.cpu(), 2 * torch.bincount(top_i.flatten(), minlength=8))
     layer.reset_expert_stats()
     assert layer.expert_counts.sum() == 0
@@ -393,12 +442,12 @@ def test_layer_online_fp8() -> None:
     layer = FusedMoE(8, 2, 64, 32, torch.bfloat16, quant="fp8").to(DEVICE)
     _load(layer, _checkpoint_experts(8, 64, 32))
     x = activations(4, 64, torch.bfloat16)
-    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    exact = layer(x, logits).float()
+    gate = torch.randn(8, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    exact = layer(x, gate).float()
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.w13_weight.dtype == layer.w2_weight.dtype == torch.float8_e4m3fn
     assert layer.w13_scale.shape == (8, 64, 1) and layer.w2_scale.shape == (8, 64, 1)
-    out = layer(x, logits).float()
+    out = layer(x, gate).float()
     assert (out - exact).norm() / exact.norm() < 0.1
     with pytest.raises(ValueError, match="unsupported MoE quantization"):
         FusedMoE(2, 1, 16, 8, torch.float32, quant="awq")
@@ -410,14 +459,15 @@ def test_layer_online_fp8() -> None:
 @needs_cuda
 @pytest.mark.parametrize("tokens", [4, 48])
 def test_cuda_graph_replay_without_host_sync(tokens: int) -> None:
-    """Both paths capture in a CUDA graph (no syncs: sync debug mode errors on one) and replay on new routing."""
+    """Routing from the gate (fused at 4 tokens) and the experts (GEMV path at 4 tokens, grouped at 48) capture
+    in a CUDA graph (no syncs: sync debug mode errors on one) and replay on new inputs like eager runs."""
     w13, w2 = experts(16, 256, 128, torch.bfloat16)
     x = activations(tokens, 256, torch.bfloat16)
-    logits = torch.randn(tokens, 16, device=DEVICE)
+    gate = (torch.randn(16, 256, device=DEVICE) / 16).to(torch.bfloat16)
     counts = torch.zeros(16, dtype=torch.int64, device=DEVICE)
 
     def step() -> torch.Tensor:
-        weights, ids = fm.route(logits, 4, True, counts)
+        weights, ids = fm.gate_route(x, gate, 4, True, counts)
         return fm.fused_moe(x, w13, w2, weights, ids)
 
     step()
@@ -430,10 +480,12 @@ def test_cuda_graph_replay_without_host_sync(tokens: int) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    counts.zero_()
     for seed in range(3):
-        logits.copy_(torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+        x.copy_(activations(tokens, 256, torch.bfloat16, seed=seed + 10))
+        want = step()
+        counts.zero_()
         graph.replay()
-        weights, ids = fm.route_ref(logits, 4, True)
+        assert torch.equal(out, want)
+        weights, ids = fm.gate_route(x, gate, 4, True)
         _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), torch.bfloat16)
-    assert counts.sum() == 3 * tokens * 4
+        assert counts.sum() == tokens * 4

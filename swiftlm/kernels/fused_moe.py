@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from swiftlm.kernels.gemv import split_counters
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
 
 if HAS_TRITON:
@@ -60,6 +61,7 @@ __all__ = [
     "align_tokens",
     "fused_moe",
     "fused_moe_ref",
+    "gate_route",
     "gemv_configs",
     "grouped_config",
     "low_latency_config",
@@ -139,6 +141,46 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, expert_cou
         router_logits.stride(1), TOP_K=top_k, TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize,
         COUNT=expert_counts is not None, HAS_LIMIT=count_limit is not None, BLOCK_T=block_t, BLOCK_E=block_e,
         num_warps=4)
+    return weights, ids
+
+
+def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+               expert_counts: torch.Tensor | None = None, count_limit: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[T, H]` and the router gate's weight `[E, H]` -> `route(x @ gate_weight.T, ...)`.
+
+    Up to `GEMV_MAX_TOKENS` tokens (decode) one Triton launch does both: its programs compute slices of the
+    logits with the GEMV's CUDA-core loop and the last one to finish routes, which saves the gate GEMM's launch
+    and the routing kernel's (together ~10 us per layer of a batch-1 Qwen3-30B-A3B step on an H100, for 0.5 MB
+    of gate weight). The logits are rounded to x's dtype first, as the unfused gate linear's output is.
+    """
+    if gate_weight.dim() != 2 or x.dim() != 2 or gate_weight.shape[1] != x.shape[1] or gate_weight.dtype != x.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and gate weight {tuple(gate_weight.shape)} "
+                         f"{gate_weight.dtype} must be [T, H] and [E, H] of one dtype")
+    num_tokens, hidden = x.shape
+    num_experts = gate_weight.shape[0]
+    if not (can_use_triton(x) and 0 < num_tokens <= GEMV_MAX_TOKENS):
+        return route(F.linear(x, gate_weight), top_k, renormalize, expert_counts, count_limit)
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):
+        raise ValueError(f"expert_counts must be [{num_experts}] int64")
+    if x.stride(1) != 1 or gate_weight.stride(1) != 1:
+        raise ValueError("gate_route operands must be contiguous along H")
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    block_n = 2  # 64 programs stream Qwen3-MoE's 128-expert gate
+    per_warp = 32 * 16 // x.element_size()
+    block_k = max(32, min(per_warp * 4, _pow2_at_least(hidden)))
+    _gate_route_kernel[(_cdiv(num_experts, block_n),)](
+        x, gate_weight, logits, split_counters(x.device, 1), weights, ids,  # the GEMV's counters: launches on
+        # one stream each leave their slots at zero
+        weights if expert_counts is None else expert_counts, ids if count_limit is None else count_limit,
+        num_tokens, num_experts, x.stride(0), gate_weight.stride(0), K=hidden, TOP_K=top_k,
+        TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize, COUNT=expert_counts is not None,
+        HAS_LIMIT=count_limit is not None, BLOCK_T=_pow2_at_least(num_tokens), BLOCK_N=block_n, BLOCK_K=block_k,
+        CHUNK=min(16 // x.element_size(), block_k), E_PAD=_pow2_at_least(num_experts), num_warps=4)
     return weights, ids
 
 
@@ -477,16 +519,12 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
 if HAS_TRITON:
 
     @triton.jit
-    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E, stride_t, stride_e,
-                      TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
-                      HAS_LIMIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-        """BLOCK_T tokens: fp32 softmax over experts, then TOP_K rounds of (max, lowest index at the max)."""
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_e = tl.arange(0, BLOCK_E)
-        row_mask = rows < T
+    def _route_rows(logits, rows, row_mask, offs_e, E, weights_ptr, ids_ptr, counts_ptr, limit_ptr,
+                    TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
+                    HAS_LIMIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        """Route a `[BLOCK_T, BLOCK_E]` fp32 logits tile (-inf outside `row_mask` x `offs_e < E`): softmax over
+        experts, then TOP_K rounds of (max, lowest index at the max); store weights and ids, count experts."""
         valid = row_mask[:, None] & (offs_e[None, :] < E)
-        logits = tl.load(logits_ptr + rows[:, None] * stride_t + offs_e[None, :] * stride_e, mask=valid,
-                         other=float("-inf")).to(tl.float32)
         peak = tl.where(row_mask, tl.max(logits, 1), 0.0)
         probs = tl.exp(logits - peak[:, None])
         probs = probs / tl.where(row_mask, tl.sum(probs, 1), 1.0)[:, None]
@@ -513,6 +551,54 @@ if HAS_TRITON:
             if HAS_LIMIT:
                 count_mask = count_mask & (rows < tl.load(limit_ptr))[:, None]
             tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, TOP_K_PAD), 1, tl.int64), mask=count_mask)
+
+    @triton.jit
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E, stride_t, stride_e,
+                      TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
+                      HAS_LIMIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        """BLOCK_T tokens of router logits."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_e = tl.arange(0, BLOCK_E)
+        row_mask = rows < T
+        logits = tl.load(logits_ptr + rows[:, None] * stride_t + offs_e[None, :] * stride_e,
+                         mask=row_mask[:, None] & (offs_e[None, :] < E), other=float("-inf")).to(tl.float32)
+        _route_rows(logits, rows, row_mask, offs_e, E, weights_ptr, ids_ptr, counts_ptr, limit_ptr, TOP_K, TOP_K_PAD,
+                    RENORMALIZE, COUNT, HAS_LIMIT, BLOCK_T, BLOCK_E)
+
+    @triton.jit
+    def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E,
+                           stride_xm, stride_wn, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                           RENORMALIZE: tl.constexpr, COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+        """Program: BLOCK_N gate rows -> logits `[T, BLOCK_N]` (CUDA-core GEMV, rounded to x's dtype as a linear
+        layer's output is) parked in the fp32 workspace `[T, E]`; the last program to arrive (an atomic counter,
+        reset for the next launch) routes all T tokens from the workspace."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + (offs_n % E).to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if k0 + BLOCK_K <= K:
+                w = tl.load(w_rows + k[None, :])
+                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, False, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+            else:
+                w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0)
+                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, True, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+        rows = tl.arange(0, BLOCK_T)
+        row_mask = rows < T
+        logits = tl.sum(acc, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(ws_ptr + rows[:, None] * E + offs_n[None, :], logits,
+                 mask=row_mask[:, None] & (offs_n[None, :] < E))
+        tl.debug_barrier()  # every thread's logits are written before the (releasing) arrival below
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            offs_e = tl.arange(0, E_PAD)
+            all_logits = tl.load(ws_ptr + rows[:, None] * E + offs_e[None, :],
+                                 mask=row_mask[:, None] & (offs_e[None, :] < E), other=float("-inf"),
+                                 cache_modifier=".cg")
+            _route_rows(all_logits, rows, row_mask, offs_e, E, weights_ptr, ids_ptr, counts_ptr, limit_ptr, TOP_K,
+                        TOP_K_PAD, RENORMALIZE, COUNT, HAS_LIMIT, BLOCK_T, E_PAD)
+            tl.store(cnt_ptr, 0)  # ready for the next launch / graph replay
 
     @triton.jit
     def _expert_tile(a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, w_rows, up_offset,

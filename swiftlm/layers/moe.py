@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swiftlm.kernels.fused_moe import FP8_DTYPE, fused_moe, route
+from swiftlm.kernels.fused_moe import FP8_DTYPE, fused_moe, gate_route
 from swiftlm.layers.attention import current_forward_context
 from swiftlm.layers.linear import set_weight_attrs
 
@@ -57,9 +57,11 @@ def moe_quant_method(name: str | None) -> MoeQuantMethod:
 
 
 class FusedMoE(nn.Module):
-    """The experts of one sparse block: `forward(hidden [T, H], router_logits [T, E]) -> [T, H]`.
+    """The experts of one sparse block: `forward(hidden [T, H], gate_weight [E, H]) -> [T, H]`.
 
-    Routing is softmax then top-k (renormalized to sum 1 when `renormalize`, Qwen3's `norm_topk_prob`).
+    Routing is softmax over the gate's logits then top-k (renormalized to sum 1 when `renormalize`, Qwen3's
+    `norm_topk_prob`); the layer takes the gate's weight rather than its logits so that decode can compute the
+    logits and route in one kernel (`gate_route`).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
@@ -129,11 +131,11 @@ class FusedMoE(nn.Module):
         if self.expert_counts is not None:
             self.expert_counts.zero_()
 
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
         limit = None
         if self.expert_counts is not None:
             meta = current_forward_context()
             limit = meta.num_real_tokens if meta is not None else None
-        weights, ids = route(router_logits, self.top_k, self.renormalize, self.expert_counts, limit)
+        weights, ids = gate_route(hidden, gate_weight, self.top_k, self.renormalize, self.expert_counts, limit)
         return fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale)
 

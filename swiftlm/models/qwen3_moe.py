@@ -67,7 +67,8 @@ def _moe_quant(quant_for: QuantFor, prefix: str) -> str | None:
 
 
 class Qwen3MoeSparseBlock(nn.Module):
-    """Router gate (replicated, unquantized, no bias) + fused experts; `mlp.gate` / `mlp.experts` in checkpoints."""
+    """Router gate (replicated, unquantized, no bias) + fused experts; `mlp.gate` / `mlp.experts` in checkpoints.
+    The experts apply the gate themselves (`FusedMoE.forward` takes its weight) to fuse it with routing."""
 
     def __init__(self, hidden_size: int, moe: MoeConfig, prefix: str, dtype: torch.dtype, quant_for: QuantFor) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class Qwen3MoeSparseBlock(nn.Module):
                                 renormalize=moe.norm_topk_prob, quant=_moe_quant(quant_for, f"{prefix}.experts"))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden))
+        return self.experts(hidden, self.gate.weight)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
