@@ -212,3 +212,42 @@ def test_layers_route_decode_batches_through_the_gemv(monkeypatch: pytest.Monkey
     torch.testing.assert_close(got[2], expected[2], rtol=2e-2, atol=2e-2)
     buf = torch.zeros(2, N, device=DEVICE)
     assert head(x, out=buf) is buf and torch.equal(buf, got[2])
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+@pytest.mark.parametrize("weight", ["bf16", "fp8"])
+@pytest.mark.parametrize("m,split", [(1, 1), (3, 2)])
+def test_silu_mul_input_matches_activation_then_gemv(config: GemvConfig, weight: str, m: int, split: int) -> None:
+    """silu_mul=True on a merged [M, 2K] gate|up input equals the activation kernel's output fed to the GEMV."""
+    from swiftlm.kernels.activation import silu_and_mul_ref
+
+    gate_up, _, _, _ = operands(m, N, 2 * K, "bf16", seed=m + 7)
+    _, w, scale, bias = operands(m, N, K, weight, seed=m)
+    cfg = GemvConfig(config.kernel, config.block_n, config.block_k, split, config.num_warps, config.num_stages)
+    out = gk.gemv(gate_up, w, scale, bias, out_dtype=torch.float32, config=cfg, silu_mul=True)
+    act = silu_and_mul_ref(gate_up)
+    if gk.TRITON_INTERPRETED:  # the interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
+        act = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert_exact(out, gk.gemv_ref(act, w, scale, bias, torch.float32))
+    with pytest.raises(ValueError, match="gate | up"):
+        gk.gemv(act, w, scale, bias, silu_mul=True)
+
+
+def test_mlp_down_projection_fuses_the_activation_only_on_the_gemv_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linear called with silu_mul=True equals linear(SiLU(gate) * up) on both dispatch branches, and the GEMV
+    branch receives the merged input (no separate activation)."""
+    from swiftlm.kernels.activation import silu_and_mul_ref
+    from swiftlm.layers import linear
+
+    gate_up, w, _, _ = operands(2, N, 2 * K, "bf16", seed=3)
+    layer = linear.RowParallelLinear(K, N, False, None, torch.bfloat16).to(DEVICE)
+    layer.weight.data.copy_(w[:, :K])
+    want = layer(silu_and_mul_ref(gate_up)).float()
+    torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
+    seen = []
+    monkeypatch.setattr(linear, "use_gemv", lambda x, w: True)
+    monkeypatch.setattr(linear, "gemv", lambda x, w, **kw: seen.append((x.shape, kw)) or gk.gemv(x, w, **kw))
+    torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
+    assert seen == [((2, 2 * K), dict(bias=None, silu_mul=True))]

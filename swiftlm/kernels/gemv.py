@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from swiftlm.kernels.activation import silu_and_mul_ref
 from swiftlm.kernels.quant import (FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv,
                                    next_power_of_2, num_sms)
 
@@ -229,8 +230,19 @@ if HAS_TRITON:
         return tl.sum(tl.reshape(w * x.to(tl.float32)[None, :], (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
 
     @triton.jit
+    def load_x(ptrs, mask, up_offset, SILU_MUL: tl.constexpr):
+        """Activations at `ptrs`; with SILU_MUL, SiLU(gate) * up of a merged gate|up row (gate at `ptrs`, up
+        `up_offset` elements on), in fp32 and rounded to the row's dtype like the separate activation kernel."""
+        if SILU_MUL:
+            gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(ptrs + up_offset, mask=mask, other=0.0).to(tl.float32)
+            return (gate * tl.sigmoid(gate) * up).to(ptrs.dtype.element_ty)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @triton.jit
     def fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, SILU_MUL: tl.constexpr = False,
+                  up_offset=0):
         """acc [BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] += chunk sums of x[m, k] * w[n, k] for every row m.
 
         Everything is shaped from the 2-D weight tile, so the compiler keeps its load layout (16-byte vectors along
@@ -244,7 +256,7 @@ if HAS_TRITON:
             row_ok = tl.full([BLOCK_K], m, tl.int32) < M  # a splat: keeps the load vectorized
             if TAIL:
                 row_ok = row_ok & (k < k_stop)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=row_ok, other=0.0)
+            x = load_x(x_ptr + m * stride_xm + k, row_ok, up_offset, SILU_MUL)
             part = _chunk_sums(w, x, BLOCK_N, BLOCK_K, CHUNK)[None, :, :]
             if BLOCK_M == 1:
                 acc += part
@@ -256,7 +268,7 @@ if HAS_TRITON:
     def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
                          stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                         CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr, SILU_MUL: tl.constexpr):
         """Program (column tile, K split): CUDA-core dot products of all M rows with its weight rows."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -269,11 +281,11 @@ if HAS_TRITON:
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
         if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
             k = k_full + offs_k
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
-            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
         store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
                     cnt_ptr, stride_om, HAS_SCALE, HAS_BIAS)
 
@@ -291,7 +303,7 @@ if HAS_TRITON:
     def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
                          stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+                         DOT_F32: tl.constexpr, SILU_MUL: tl.constexpr):
         """Program (column tile, K split): tensor-core W_tile @ x^T, weight rows on the MMA's wide side."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -305,21 +317,23 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_begin, k_full, BLOCK_K):
             k = k0 + offs_k
-            xt = tl.load(xt_cols + k[:, None], mask=mask_x, other=0.0)
+            xt = load_x(xt_cols + k[:, None], mask_x, K, SILU_MUL)
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
             acc = _mma(w, xt, acc, DOT_F32)
         if not EVEN_K:
             k = k_full + offs_k
-            xt = tl.load(xt_cols + k[:, None], mask=mask_x & (k[:, None] < k_stop), other=0.0)
+            xt = load_x(xt_cols + k[:, None], mask_x & (k[:, None] < k_stop), K, SILU_MUL)
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
             acc = _mma(w, xt, acc, DOT_F32)
         store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                     HAS_SCALE, HAS_BIAS)
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemv expects x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+           silu_mul: bool) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] * (2 if silu_mul else 1):
+        want = "x [M, 2K] (gate | up)" if silu_mul else "x [M, K]"
+        raise ValueError(f"gemv expects {want} and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.shape[0] > GEMV_MAX_M:
         raise ValueError(f"gemv handles at most {GEMV_MAX_M} rows, got {x.shape[0]}")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -346,22 +360,24 @@ def _check_config(cfg: GemvConfig) -> None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: GemvConfig | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (w [N, K] * w_scale)^T + bias for M <= 16, streaming w once (see the module docstring).
 
     x: bf16/fp16, rows may be strided; w: x's dtype, or float8_e4m3fn with w_scale [N, 1] (or [N]) fp32; bias: [N].
     out_dtype defaults to x's dtype (or out's); out: a preallocated [M, N] destination, rows may be strided.
-    config overrides `gemv_config` (benchmarks).
+    config overrides `gemv_config` (benchmarks). silu_mul: x is a merged [M, 2K] gate|up projection and the
+    input is SiLU(gate) * up, computed as x is loaded (a SwiGLU MLP's down projection without the separate
+    activation launch).
     """
-    _check(x, w, w_scale, bias)
-    m, k = x.shape
-    n = w.shape[0]
+    _check(x, w, w_scale, bias, silu_mul)
+    m = x.shape[0]
+    n, k = w.shape
     out_dtype = out_dtype or (out.dtype if out is not None else x.dtype)
     if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1):
         raise ValueError(f"out must be [{m}, {n}] {out_dtype} with unit column stride, got {tuple(out.shape)} "
                          f"{out.dtype}")
     if not can_use_triton(x):
-        y = gemv_ref(x, w, w_scale, bias, out_dtype)
+        y = gemv_ref(silu_and_mul_ref(x) if silu_mul else x, w, w_scale, bias, out_dtype)
         return y if out is None else out.copy_(y)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -379,7 +395,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     args = (x, w, scale, bias if bias is not None else out, out, ws, counters, m, n, k, k_per_split, split,
             x.stride(0), w.stride(0), out.stride(0))
     flags = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SILU_MUL=silu_mul, num_warps=cfg.num_warps)
     if cfg.kernel == "fma":
         chunk = min(16 // w.element_size(), cfg.block_k)  # one 16-byte weight vector per thread
         _gemv_fma_kernel[(tiles, split)](*args, BLOCK_M=next_power_of_2(m), CHUNK=chunk, NUM_STAGES=cfg.num_stages,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftlm.kernels.gemv import gemv, use_gemv
+from swiftlm.layers.activation import SiluAndMul
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | int | None"], None]
 
@@ -32,6 +33,11 @@ class LinearMethod:
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_mul(self, layer: "LinearBase", gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer applied to SiLU(gate) * up of a merged `[T, 2K]` gate|up projection (a SwiGLU MLP's down
+        projection). Methods whose decode kernel can fuse the activation into its input load override this."""
+        return self.apply(layer, SiluAndMul()(gate_up), bias)
+
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         """Hook for repacking or quantizing once all shards are in (e.g. online FP8)."""
 
@@ -46,6 +52,11 @@ class UnquantizedLinearMethod(LinearMethod):
         if use_gemv(x, layer.weight):  # decode-sized batches: a GEMV that streams the weight faster than cuBLAS
             return gemv(x, layer.weight, bias=bias)
         return F.linear(x, layer.weight, bias)
+
+    def apply_silu_mul(self, layer: "LinearBase", gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if use_gemv(gate_up, layer.weight):
+            return gemv(gate_up, layer.weight, bias=bias, silu_mul=True)
+        return super().apply_silu_mul(layer, gate_up, bias)
 
 
 class LinearBase(nn.Module):
@@ -72,7 +83,10 @@ class LinearBase(nn.Module):
     def _local_sizes(self) -> tuple[int, int]:
         return self.input_size, self.output_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """silu_mul: x is a merged `[T, 2K]` gate|up projection and the layer's input is SiLU(gate) * up."""
+        if silu_mul:
+            return self.quant_method.apply_silu_mul(self, x, self.bias)
         return self.quant_method.apply(self, x, self.bias)
 
     def _shard_offset(self, param: nn.Parameter, shard_id: str | int | None) -> tuple[int, int]:

@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from swiftlm.layers.activation import SiluAndMul
 from swiftlm.layers.attention import Attention, rope_and_store_kv
 from swiftlm.layers.embedding import LMHead, VocabEmbedding
 from swiftlm.layers.linear import LinearMethod, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -107,10 +106,11 @@ class QwenMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False,
                                                        quant_for(f"{prefix}.gate_up_proj"), dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, quant_for(f"{prefix}.down_proj"), dtype)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # SwiGLU: down(SiLU(gate) * up). The down projection applies the activation itself, so a decode GEMV can
+        # compute it while loading its input instead of a separate launch.
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
 
 
 class QwenDecoderLayer(nn.Module):

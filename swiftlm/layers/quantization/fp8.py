@@ -46,3 +46,8 @@ class Fp8LinearMethod(LinearMethod):
         if use_gemv(x, layer.weight):  # decode: W8A16 GEMV, the e4m3 weight streamed once, activations unquantized
             return gemv(x, layer.weight, layer.weight_scale, bias)
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.weight.dtype == FP8_DTYPE and use_gemv(gate_up, layer.weight):
+            return gemv(gate_up, layer.weight, layer.weight_scale, bias, silu_mul=True)
+        return super().apply_silu_mul(layer, gate_up, bias)
