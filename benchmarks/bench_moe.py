@@ -1,11 +1,12 @@
-"""Fused MoE on the GPU: correctness on Qwen3-MoE shapes, then MoE layer time (routing + experts) per token count.
+"""Fused MoE on the GPU: correctness on Qwen3-MoE shapes, then MoE layer time (router gate + routing + experts,
+i.e. `gate_route` + `fused_moe`) per token count.
 
 Default shapes are Qwen3-30B-A3B (E=128, top-8, H=2048, I=768); `--config` takes another config.json (e.g.
 Qwen3-235B-A22B: H=4096, I=1536). For T = 1, 8, 16, 64, 512 tokens, bf16 and FP8 PTPC experts:
-  * swiftlm, auto path (and the other path where both apply), timed in a CUDA graph as decode runs it, over 32
-    different routings captured back to back so consecutive calls hit different experts (L2 holds no weights
+  * swiftlm, auto path (and the other paths that apply), timed in a CUDA graph as decode runs it, over 32
+    different router gates captured back to back so consecutive calls hit different experts (L2 holds no weights
     for the next call), and eagerly with `triton.testing.do_bench` (median, L2 flushed between calls);
-  * a PyTorch loop over the active experts (bf16 F.linear per expert, as HF runs it), eager;
+  * a PyTorch loop over the active experts (bf16 F.linear per expert, as HF runs it, from given logits), eager;
   * achieved bandwidth = bytes of the active experts' weights / graph time (vs --peak-gbps, 3000 for H100 SXM)
     and TFLOP/s = 2 * T * k * 3 * H * I / time.
 `--sweep` also times tile variants per GEMM and prints the best, to retune the heuristics in fused_moe.py
@@ -125,7 +126,10 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
     e, k, h, i = shapes["num_experts"], shapes["top_k"], shapes["hidden"], shapes["inter"]
     renorm = shapes["renormalize"]
     x = torch.randn(tokens, h, device=DEVICE, generator=gen).to(torch.bfloat16)
-    routings = [torch.randn(tokens, e, device=DEVICE, generator=gen) for _ in range(NUM_ROUTINGS)]
+    # One router gate per captured call (0.5 MB each for 30B), so consecutive calls route to different experts.
+    gates = [(torch.randn(e, h, device=DEVICE, generator=gen) / math.sqrt(h)).to(torch.bfloat16)
+             for _ in range(NUM_ROUTINGS)]
+    routings = [F.linear(x, g) for g in gates]
     active = statistics.mean(torch.unique(fm.route_ref(r, k, renorm)[1]).numel() for r in routings)
     weight_bytes = active * experts.bytes_per_expert(dtype)
     flops = 2 * tokens * k * 3 * h * i
@@ -134,17 +138,17 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
     if dtype == "bf16":
         baseline = eager_ms(lambda: torch_loop(x, experts.w13, experts.w2, routings[0], k, renorm))
 
-    def layer(logits: torch.Tensor, path: str) -> Callable[[], torch.Tensor]:
+    def layer(gate: torch.Tensor, path: str) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            weights, ids = fm.route(logits, k, renorm)
+            weights, ids = fm.gate_route(x, gate, k, renorm)
             return fm.fused_moe(x, w13, w2, weights, ids, s13, s2, path=path)
         return run
 
     rows = []
     auto = paths_for(tokens, k)[0]
     for path in paths_for(tokens, k):
-        g = graph_ms([layer(r, path) for r in routings])
-        eager = eager_ms(layer(routings[0], path))
+        g = graph_ms([layer(gate, path) for gate in gates])
+        eager = eager_ms(layer(gates[0], path))
         rows.append(dict(tokens=tokens, pairs=tokens * k, dtype=dtype, path=path, auto=path == auto,
                          active_experts=active, graph_us=g * 1e3, eager_us=eager * 1e3,
                          torch_loop_us=None if baseline is None else baseline * 1e3,
