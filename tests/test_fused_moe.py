@@ -133,8 +133,8 @@ def test_gate_route_matches_gate_then_route(tokens: int, num_experts: int, top_k
 
 @needs_kernels
 def test_gate_route_counts_only_real_tokens_and_falls_back_past_gemv_sizes(monkeypatch) -> None:
-    """The real-token limit applies in the fused kernel; past GEMV_MAX_TOKENS the gate GEMM and `route` run."""
-    x = activations(fm.GEMV_MAX_TOKENS + 1, 32, torch.float32)
+    """The real-token limit applies in the fused kernel; past GATE_ROUTE_MAX_TOKENS the gate GEMM and `route` run."""
+    x = activations(fm.GATE_ROUTE_MAX_TOKENS + 1, 32, torch.float32)
     gate = torch.randn(8, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     counts = torch.zeros(8, dtype=torch.int64, device=DEVICE)
     limit = torch.tensor([2], dtype=torch.int32, device=DEVICE)
@@ -144,7 +144,7 @@ def test_gate_route_counts_only_real_tokens_and_falls_back_past_gemv_sizes(monke
     route = fm.route
     monkeypatch.setattr(fm, "route", lambda *a: calls.append(a[0].shape) or route(*a))
     weights, ids = fm.gate_route(x, gate, 2, False)
-    assert calls == [(fm.GEMV_MAX_TOKENS + 1, 8)]
+    assert calls == [(fm.GATE_ROUTE_MAX_TOKENS + 1, 8)]
     want_w, want_i = fm.route_ref(x @ gate.t(), 2, False)
     assert torch.equal(ids, want_i) and torch.allclose(weights, want_w, atol=1e-6)
     with pytest.raises(ValueError, match="gate weight"):

@@ -54,6 +54,7 @@ if HAS_TRITON:
     from swiftlm.kernels.triton_support import swizzled_tile
 
 __all__ = [
+    "GATE_ROUTE_MAX_TOKENS",
     "GEMV_MAX_TOKENS",
     "LOW_LATENCY_MAX_PAIRS",
     "MoeGemvConfig",
@@ -70,9 +71,11 @@ __all__ = [
 ]
 
 
-# Tokens up to which the GEMV path runs: on the H100 it beat the low-latency path at 1, 2, 4 and 8 tokens (bf16 and
-# fp8, Qwen3-30B-A3B shapes; 8 is the largest count measured).
-GEMV_MAX_TOKENS = 8
+# Tokens up to which the GEMV path runs: on the H100 (Qwen3-30B-A3B shapes, bf16 and fp8) it beat the low-latency
+# path at 1, 2, 4 and 8 tokens and the grouped path at 16 (286 vs 344 us bf16), the largest count measured.
+GEMV_MAX_TOKENS = 16
+# Tokens up to which `gate_route` fuses the gate GEMM with routing (measured on the H100 up to 8).
+GATE_ROUTE_MAX_TOKENS = 8
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
 FP8_DTYPE = torch.float8_e4m3fn
@@ -149,7 +152,7 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[T, H]` and the router gate's weight `[E, H]` -> `route(x @ gate_weight.T, ...)`.
 
-    Up to `GEMV_MAX_TOKENS` tokens (decode) one Triton launch does both: its programs compute slices of the
+    Up to `GATE_ROUTE_MAX_TOKENS` tokens (decode) one Triton launch does both: its programs compute slices of the
     logits with the GEMV's CUDA-core loop and the last one to finish routes, which saves the gate GEMM's launch
     and the routing kernel's (together ~10 us per layer of a batch-1 Qwen3-30B-A3B step on an H100, for 0.5 MB
     of gate weight). The logits are rounded to x's dtype first, as the unfused gate linear's output is.
@@ -159,7 +162,7 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
                          f"{gate_weight.dtype} must be [T, H] and [E, H] of one dtype")
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
-    if not (can_use_triton(x) and 0 < num_tokens <= GEMV_MAX_TOKENS):
+    if not (can_use_triton(x) and 0 < num_tokens <= GATE_ROUTE_MAX_TOKENS):
         return route(F.linear(x, gate_weight), top_k, renormalize, expert_counts, count_limit)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
