@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from swiftlm.kernels import attention as attn  # noqa: E402
-from swiftlm.kernels.gemv import split_counters  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -192,54 +191,6 @@ def test_decode_all_rows_empty() -> None:
     out = torch.full_like(q, float("nan"))
     attn.paged_decode_attention(q, kc, vc, bt, lens, 0.2, num_splits=3, out=out)
     assert (out == 0).all()
-
-
-def decode_counters_clear(batch: int, num_kv_heads: int) -> bool:
-    """Whether the split-merge arrival counters of (sequence, kv head) slots are back to zero."""
-    return not split_counters(torch.device(DEVICE), batch * num_kv_heads)[:batch * num_kv_heads].any()
-
-
-@needs_kernels
-@pytest.mark.parametrize("group,head_dim", [(2, 32), (8, 64)])
-def test_decode_many_empty_and_all_full_splits(group: int, head_dim: int) -> None:
-    """64 splits over a wide block table: short rows leave most splits empty, a long row fills several merge
-    chunks; then lengths that give every one of 5 splits the same number of tiles (no empty split)."""
-    seq_lens = [3, 40, 700, 0, 16]
-    q, kc, vc, bt, lens = decode_case(seq_lens, 2, group, head_dim, 16, torch.float32)
-    wide = torch.full((bt.shape[0], 64), POISON_BLOCK, dtype=torch.int32, device=DEVICE)
-    wide[:, :bt.shape[1]] = bt
-    out = torch.full_like(q, float("nan"))
-    attn.paged_decode_attention(q, kc, vc, wide, lens, 0.3, num_splits=64, out=out, block_n=16)
-    assert (out[3] == 0).all()
-    assert_close(out, attn.paged_decode_attention_ref(q, kc, vc, wide, lens, 0.3), torch.float32)
-    assert decode_counters_clear(len(seq_lens), 2)
-
-    q, kc, vc, bt, lens = decode_case([80, 160, 65], 2, group, head_dim, 16, torch.float32, seed=1)
-    out = torch.full_like(q, float("nan"))
-    attn.paged_decode_attention(q, kc, vc, bt, lens, 0.3, num_splits=5, out=out, block_n=16)
-    assert_close(out, attn.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.3), torch.float32)
-    assert decode_counters_clear(3, 2)
-
-
-@needs_kernels
-def test_decode_repeated_calls_reset_counters() -> None:
-    """Back-to-back split launches (as in graph replays) share the arrival counters: each must find them at zero,
-    whatever the previous launch's lengths, batch and split count were. Same inputs give bitwise equal outputs."""
-    q, kc, vc, bt, lens = decode_case([120] * 4, 2, 4, 32, 8, torch.bfloat16)
-    lens.copy_(torch.tensor([50, 7, 33, 120], dtype=torch.int32))
-    first = attn.paged_decode_attention(q, kc, vc, bt, lens, 0.2, num_splits=6, block_n=16)
-    assert decode_counters_clear(4, 2)
-    for new_lens, splits in (([50, 7, 33, 120], 6), ([1, 0, 33, 64], 6), ([120, 120, 0, 9], 3)):
-        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-        out = torch.full_like(q, float("nan"))
-        attn.paged_decode_attention(q, kc, vc, bt, lens, 0.2, num_splits=splits, out=out, block_n=16)
-        assert_close(out, attn.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.2), torch.bfloat16)
-        assert decode_counters_clear(4, 2)
-        if new_lens == [50, 7, 33, 120]:
-            assert torch.equal(out, first)
-    small = attn.paged_decode_attention(q[:1], kc, vc, bt[:1], lens[:1], 0.2, num_splits=4, block_n=16)
-    assert_close(small, attn.paged_decode_attention_ref(q[:1], kc, vc, bt[:1], lens[:1], 0.2), torch.bfloat16)
-    assert decode_counters_clear(4, 2)
 
 
 @needs_kernels

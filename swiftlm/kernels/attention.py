@@ -7,11 +7,6 @@ Each Triton kernel sits beside a plain PyTorch reference (`*_ref`) that is the C
 The public wrappers run Triton on CUDA tensors, and on CPU tensors only when the kernels were built under
 `TRITON_INTERPRET=1` (the tests); otherwise they fall back to the reference.
 
-Decode is one launch. When the batch is too small to fill the GPU, each (sequence, kv head) splits its context
-over several programs; each parks an fp32 partial and its log2-sum-exp, and the last split to arrive (an atomic
-counter that resets itself) merges them in split order: deterministic, no host sync, CUDA-graph safe, and no
-second launch (~3 us a layer at batch 1 on an H100).
-
 An FP8 (e4m3/e5m2) cache is read by converting each loaded tile to the query dtype; the per-tensor scales
 are folded into the softmax scale (k) and applied once to the output (v), so dequantising costs no extra
 multiply per element.
@@ -22,7 +17,6 @@ import functools
 
 import torch
 
-from swiftlm.kernels.gemv import split_counters
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
 
 if HAS_TRITON:
@@ -42,13 +36,9 @@ _LOG2E = 1.4426950408889634
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Split-K heuristic: aim for about two programs per SM, but give each split at least this many tokens of
-# context capacity and never more than _MAX_SPLITS splits (each split adds a partial for the merge to read).
+# context capacity and never more than _MAX_SPLITS splits (the merge kernel holds all splits in registers).
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
-# The merge reads [SPLIT_CHUNK, GROUP, HEAD_DIM] partials per step: at most _MERGE_TILE fp32 values (32 registers
-# a thread at 4 warps) and _MERGE_SPLIT_CHUNK splits.
-_MERGE_TILE = 4096
-_MERGE_SPLIT_CHUNK = 16
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when not on CUDA (interpreter) so choices match the GPU.
 
 
@@ -159,70 +149,28 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _merge_splits(part_ptr, lse_ptr, out_ptr, b, kvh, used,
-                      stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                      GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      SPLIT_CHUNK: tl.constexpr):
-        """Combine the first `used` split partials of kv head `kvh`'s GROUP query heads by their log2-sum-exp
-        weights (online max over SPLIT_CHUNK splits at a time, always in split order, so the result does not
-        depend on which split merges) and store them; used == 0 -> zeros. The partials were written by other
-        SMs, so they are read from L2 (.cg), never from a stale L1 line."""
-        offs_g = tl.arange(0, GROUP_P2)
-        offs_c = tl.arange(0, SPLIT_CHUNK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        heads = kvh * GROUP + offs_g
-        g_mask = offs_g < GROUP
-        lse_rows = lse_ptr + b * stride_lb + heads[None, :] * stride_lh
-        part_rows = part_ptr + b * stride_pb + heads[None, :, None] * stride_ph + offs_d[None, None, :]
-        m = tl.full([GROUP_P2], float("-inf"), tl.float32)
-        denom = tl.zeros([GROUP_P2], tl.float32)
-        acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
-        for s0 in range(0, used, SPLIT_CHUNK):
-            splits = s0 + offs_c
-            mask = (splits < used)[:, None] & g_mask[None, :]
-            lse = tl.load(lse_rows + splits[:, None], mask=mask, other=float("-inf"), cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded head rows stay -inf: no NaNs
-            w = tl.exp2(lse - shift[None, :])
-            alpha = tl.exp2(m - shift)
-            parts = tl.load(part_rows + splits[:, None, None] * stride_ps, mask=mask[:, :, None], other=0.0,
-                            cache_modifier=".cg")
-            acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], 0)
-            denom = denom * alpha + tl.sum(w, 0)
-            m = m_new
-        o = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
         qk_scale, v_scale,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_btb,
-        stride_ob, stride_oh,
-        stride_pb, stride_ph, stride_ps,
+        stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh, num_splits,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CHUNK: tl.constexpr, DIRECT: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
-        (or seq_len 0) runs no iterations.
-
-        DIRECT (one split) stores the output. Otherwise a split with work parks its fp32 partial and lse, and
-        the last split of the (sequence, kv head) to arrive (atomic counter, acq_rel) merges the non-empty
-        splits into the output and resets the counter to 0 for the next launch or graph replay."""
+        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + b)
-        tiles = tl.cdiv(seq_len, BLOCK_N)
-        tiles_per_split = tl.cdiv(tiles, num_splits)
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -261,22 +209,36 @@ if HAS_TRITON:
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc * (v_scale / l_safe)[:, None]
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         if DIRECT:
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:
-            if start < end:  # the merge reads only the non-empty splits, which are the first `used`
-                tl.store(part_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                         o, mask=g_mask[:, None])
-                tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
-            tl.debug_barrier()  # every thread's partial is written before the (releasing) arrival below
-            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-            arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                used = tl.cdiv(tiles, tl.maximum(tiles_per_split, 1))  # non-empty splits; 0 when seq_len is 0
-                _merge_splits(part_ptr, lse_ptr, out_ptr, b, kvh, used, stride_pb, stride_ph, stride_ps,
-                              stride_lb, stride_lh, stride_ob, stride_oh, GROUP, GROUP_P2, HEAD_DIM, SPLIT_CHUNK)
-                tl.store(cnt, 0)  # ready for the next launch / graph replay
+            tl.store(o_ptrs + split * stride_os, o, mask=g_mask[:, None])
+            # Empty split: m_i = -inf and l_safe = 1, so lse = -inf and the merge gives it zero weight.
+            tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
+
+    @triton.jit(do_not_specialize=["num_splits"])
+    def _decode_merge_kernel(
+        part_ptr, lse_ptr, out_ptr,
+        stride_pb, stride_ph, stride_ps,
+        stride_lb, stride_lh,
+        stride_ob, stride_oh, num_splits,
+        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_mask = offs_s < num_splits
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        denom = tl.sum(w, 0)
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _prefill_tile(
@@ -456,27 +418,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     dot_dtype, precision = _dot_args(q.dtype)
     qk_scale = scale * _LOG2E * k_mult
     # num_splits is a run-time argument (not specialized) so every batch size's graph shares one compiled kernel.
-    group_p2 = triton.next_power_of_2(group)
-    common = dict(GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
+    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype],
                   DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     grid = (batch, num_kv_heads, num_splits)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     if num_splits == 1:
-        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, out, qk_scale,
-                                   v_mult, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
-                                   0, 0, 0, 0, 0, 1, SPLIT_CHUNK=1, DIRECT=True, **common)
+        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
+                                   q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,
+                                   0, 0, 1, DIRECT=True, **common)
         return out
     partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    # Shared with the split-K GEMVs (swiftlm.kernels.gemv): safe because launches on one stream never overlap
-    # and every launch leaves its counters at zero. The buffer is never freed, so captured graphs stay valid.
-    counters = split_counters(q.device, batch * num_kv_heads)
-    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, partial, lse, counters, qk_scale,
-                               v_mult, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
-                               *partial.stride()[:3], lse.stride(0), lse.stride(1), num_splits,
-                               SPLIT_CHUNK=max(1, min(_MERGE_SPLIT_CHUNK, _MERGE_TILE // (group_p2 * head_dim))),
-                               DIRECT=False, **common)
+    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, qk_scale, v_mult,
+                               q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
+                               lse.stride(0), lse.stride(1), num_splits, DIRECT=False, **common)
+    _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+                                             out.stride(0), out.stride(1), num_splits,
+                                             SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+                                             HEAD_DIM=head_dim,
+                                             num_warps=4)
     return out
 
 
