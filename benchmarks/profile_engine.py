@@ -96,23 +96,35 @@ def main() -> None:
 
 
 def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) -> None:
-    """Offline num_prompts x (1024 in / 256 out): wall time, step mix and engine phases."""
+    """Offline num_prompts x (1024 in / 256 out): wall time, step mix, wall seconds per step kind, engine phases."""
     engine = llm.engine
     PHASES.clear()
-    steps = collections.Counter()
-    orig = engine.scheduler.schedule
+    steps: collections.Counter = collections.Counter()
+    seconds: collections.Counter = collections.Counter()
+    kind = [""]
+    orig_schedule, orig_step = engine.scheduler.schedule, engine.step
 
     def count(*a, **k):
-        out = orig(*a, **k)
-        steps["decode" if out.decode_only else "mixed"] += 1
+        out = orig_schedule(*a, **k)
+        kind[0] = "decode" if out.decode_only else "mixed"
+        steps[kind[0]] += 1
         steps["tokens"] += out.num_tokens
         return out
+
+    def step(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return orig_step(*a, **k)
+        finally:
+            seconds[kind[0]] += time.perf_counter() - t0
     engine.scheduler.schedule = count
+    engine.step = step
     t = time.perf_counter()
     llm.generate([ids(1024) for _ in range(num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
                                                                       temperature=0.0), use_tqdm=False)
     total = time.perf_counter() - t
     print(f"throughput run: {total:.2f} s, {num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
+          f"step wall s by kind: {', '.join(f'{k} {v:.2f}' for k, v in seconds.items())}; "
           "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
 
 

@@ -251,3 +251,91 @@ def test_mlp_down_projection_fuses_the_activation_only_on_the_gemv_path(monkeypa
     monkeypatch.setattr(linear, "gemv", lambda x, w, **kw: seen.append((x.shape, kw)) or gk.gemv(x, w, **kw))
     torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
     assert seen == [((2, 2 * K), dict(bias=None, silu_mul=True))]
+
+
+def _bf16_cast(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 as the kernels' casts do (the interpreter truncates; GPUs round to nearest), back in fp32."""
+    if gk.TRITON_INTERPRETED:
+        return (t.contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return t.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+@pytest.mark.parametrize("weight", ["bf16", "fp8"])
+@pytest.mark.parametrize("m,with_residual", [(1, True), (3, True), (2, False)])
+def test_rms_norm_input_matches_norm_then_gemv(config: GemvConfig, weight: str, m: int, with_residual: bool) -> None:
+    """rms_weight folds a decoder layer's (add +) RMSNorm into the GEMV: the sums equal W (s * gamma) / rms(s) with
+    s = x + residual, s lands in residual_out, and the result agrees with the unfused norm -> GEMV sequence."""
+    from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref, rms_norm_ref
+
+    x, w, scale, bias = operands(m, N, K, weight, seed=11 + m)
+    residual = operands(m, N, K, "bf16", seed=23 + m)[0] * 4 if with_residual else None
+    gamma = (torch.rand(K, generator=torch.Generator().manual_seed(5)) + 0.5).to(torch.bfloat16).to(DEVICE)
+    residual_out = torch.full_like(x, float("nan")) if with_residual else None
+    split_cfg = GemvConfig(config.kernel, config.block_n, config.block_k, 2, config.num_warps, config.num_stages)
+    out = gk.gemv(x, w, scale, bias, out_dtype=torch.float32, config=split_cfg, rms_weight=gamma, rms_eps=1e-6,
+                  residual=residual, residual_out=residual_out)  # the norm overrides the config's K split
+    s = x.float() + (residual.float() if with_residual else 0)
+    inp = s * gamma.float()
+    if config.kernel == "dot":  # tensor-core operands are 16-bit: s * gamma is rounded to x's dtype
+        inp = _bf16_cast(inp)
+    inv_rms = torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+    w_full = w.float() * (scale.float() if scale is not None else 1)
+    assert_exact(out, inp @ w_full.t() * inv_rms + bias.float())
+    if with_residual:
+        assert_within_one_ulp(residual_out, s.to(torch.bfloat16))
+        normed, _ = fused_add_rms_norm_ref(x, residual, gamma, 1e-6)
+    else:
+        normed = rms_norm_ref(x, gamma, 1e-6)
+    unfused = gk.gemv_ref(normed, w, scale, bias, torch.float32)
+    torch.testing.assert_close(out, unfused, rtol=2e-2, atol=2e-2 * unfused.abs().max().item())
+
+
+def test_rms_norm_input_bad_arguments() -> None:
+    x, w, _, _ = operands(2, N, K, "bf16")
+    gamma = torch.ones(K, dtype=torch.bfloat16, device=DEVICE)
+    r = torch.zeros_like(x)
+    with pytest.raises(ValueError, match="residual_out"):
+        gk.gemv(x, w, rms_weight=gamma, residual=r)
+    with pytest.raises(ValueError, match="alias"):
+        gk.gemv(x, w, rms_weight=gamma, residual=r, residual_out=r)
+    with pytest.raises(ValueError, match="rms_weight must be"):
+        gk.gemv(x, w, rms_weight=gamma[:-1])
+    with pytest.raises(ValueError, match="not both"):
+        gk.gemv(torch.cat([x, x], dim=1), w, rms_weight=gamma, silu_mul=True)
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8"])
+def test_pre_norm_projection_folds_the_norm_only_on_the_gemv_path(monkeypatch: pytest.MonkeyPatch, quant: str) -> None:
+    """forward_pre_norm equals norm-then-linear on both dispatch branches (first layer without a residual, later
+    layers with one), and the GEMV branch gets the raw input and the norm in one call."""
+    from swiftlm.layers import linear
+    from swiftlm.layers.norm import RMSNorm
+    from swiftlm.layers.quantization import fp8
+    from swiftlm.layers.quantization.fp8 import Fp8LinearMethod
+
+    x, w, _, _ = operands(2, N, K, "bf16", seed=9)
+    residual = operands(2, N, K, "bf16", seed=10)[0]
+    layer = linear.QKVParallelLinear(K, 8, 3, 1, True, Fp8LinearMethod(False) if quant == "fp8" else None,
+                                     torch.bfloat16).to(DEVICE)
+    layer.weight.data.copy_(w)
+    layer.bias.data.normal_()
+    layer.quant_method.process_weights_after_loading(layer)
+    norm = RMSNorm(K, 1e-6, torch.bfloat16).to(DEVICE)
+    norm.weight.data.uniform_(0.5, 1.5)
+    want = [(layer(norm(x)).float(), x), (layer(norm(x, residual)[0]).float(), norm(x, residual)[1])]
+    seen = []
+    for patched in (False, True):
+        if patched:
+            for module in (linear, fp8):
+                monkeypatch.setattr(module, "use_gemv", lambda x, w: True)
+            monkeypatch.setattr(linear, "gemv", lambda x, w, *a, **kw: seen.append(kw) or gk.gemv(x, w, *a, **kw))
+        for (y_want, r_want), r_in in zip(want, (None, residual)):
+            y, r = layer.forward_pre_norm(x, r_in, norm)
+            torch.testing.assert_close(y.float(), y_want, rtol=3e-2, atol=3e-2 * y_want.abs().max().item())
+            if r_in is None:
+                assert r is x
+            else:
+                assert_within_one_ulp(r, r_want)
+    assert [kw["rms_weight"] is norm.weight for kw in seen] == [True, True]
+    assert seen[0]["residual"] is None and seen[1]["residual"] is residual

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from swiftlm.kernels.activation import silu_and_mul_ref
+from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref, rms_norm_ref
 from swiftlm.kernels.quant import (FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv,
                                    next_power_of_2, num_sms)
 
@@ -240,6 +241,15 @@ if HAS_TRITON:
         return tl.load(ptrs, mask=mask, other=0.0)
 
     @triton.jit
+    def _add_row(acc, part, m, BLOCK_M: tl.constexpr):
+        """acc[m] += part ([1, ...], broadcast over acc's rows); the row select resolves at compile time because
+        each thread holds all BLOCK_M rows."""
+        if BLOCK_M == 1:
+            return acc + part
+        rows = tl.reshape(tl.arange(0, BLOCK_M), [BLOCK_M] + [1] * (len(acc.shape) - 1))
+        return tl.where(rows == m, acc + part, acc)
+
+    @triton.jit
     def fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, SILU_MUL: tl.constexpr = False,
                   up_offset=0):
@@ -247,28 +257,55 @@ if HAS_TRITON:
 
         Everything is shaped from the 2-D weight tile, so the compiler keeps its load layout (16-byte vectors along
         K per thread) and loads each x row straight into it. CHUNK is one such vector, so the sums are per-thread FMA
-        chains (no shuffles); the cross-lane part of the K reduction waits until after the loop. Each thread holds
-        all BLOCK_M accumulator rows, so the row select below is resolved at compile time.
+        chains (no shuffles); the cross-lane part of the K reduction waits until after the loop.
         """
         w = w.to(tl.float32)
-        rows = tl.arange(0, BLOCK_M)[:, None, None]
         for m in tl.static_range(BLOCK_M):
             row_ok = tl.full([BLOCK_K], m, tl.int32) < M  # a splat: keeps the load vectorized
             if TAIL:
                 row_ok = row_ok & (k < k_stop)
             x = load_x(x_ptr + m * stride_xm + k, row_ok, up_offset, SILU_MUL)
-            part = _chunk_sums(w, x, BLOCK_N, BLOCK_K, CHUNK)[None, :, :]
-            if BLOCK_M == 1:
-                acc += part
-            else:
-                acc = tl.where(rows == m, acc + part, acc)
+            acc = _add_row(acc, _chunk_sums(w, x, BLOCK_N, BLOCK_K, CHUNK)[None, :, :], m, BLOCK_M)
         return acc
 
+    @triton.jit
+    def _load_norm_x(x_ptr, r_ptr, g_ptr, r_out_ptr, x_off, r_off, ro_off, g_off, mask, g_mask, tile,
+                    HAS_RES: tl.constexpr):
+        """RMSNorm input of a GEMV: s = x (+ residual) in fp32 and s * gamma, the normalized input before its
+        per-row 1 / rms, which the caller applies to the finished sums (it needs the whole row's sum of squares,
+        accumulated from s as the K loop goes). With a residual, column tile 0 (`tile` is the caller's) writes s
+        rounded to the residual's dtype: the layer's new residual stream; the other tiles only read."""
+        s = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            s += tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+            first = tl.zeros_like(x_off) == tile  # a tensor: the interpreter rejects scalar-and-tensor masks
+            tl.store(r_out_ptr + ro_off, s.to(r_out_ptr.dtype.element_ty), mask=mask & first)
+        return s, s * tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile, M,
+                       k, k_stop, TAIL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        """`fma_tile` on RMSNorm inputs (`_load_norm_x`); also adds each row's s^2 chunk sums to ssq
+        [BLOCK_M, BLOCK_K // CHUNK]."""
+        w = w.to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            row_ok = tl.full([BLOCK_K], m, tl.int32) < M
+            if TAIL:
+                row_ok = row_ok & (k < k_stop)
+            s, x = _load_norm_x(x_ptr, r_ptr, g_ptr, r_out_ptr, m * stride_xm + k, m * stride_rm + k,
+                               m * stride_rom + k, k, row_ok, k < k_stop, tile, HAS_RES)
+            acc = _add_row(acc, _chunk_sums(w, x, BLOCK_N, BLOCK_K, CHUNK)[None, :, :], m, BLOCK_M)
+            sq = tl.sum(tl.reshape(s * s, (BLOCK_K // CHUNK, CHUNK)), axis=1)
+            ssq = _add_row(ssq, sq[None, :], m, BLOCK_M)
+        return acc, ssq
+
     @triton.jit(do_not_specialize=["M", "SPLIT_K"])
-    def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
-                         stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr, SILU_MUL: tl.constexpr):
+    def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, g_ptr, r_out_ptr, M, N, K,
+                         K_PER_SPLIT, SPLIT_K, stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
+                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
         """Program (column tile, K split): CUDA-core dot products of all M rows with its weight rows."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -277,17 +314,34 @@ if HAS_TRITON:
         k_begin = tl.program_id(1) * K_PER_SPLIT
         k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
         k_full = k_begin + (k_stop - k_begin) // BLOCK_K * BLOCK_K
+        tile = tl.program_id(0)
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
+        ssq = tl.zeros([BLOCK_M, BLOCK_K // CHUNK], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
+            if NORM:
+                acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
+                                          stride_rom, tile, M, k, k_stop, False, HAS_RES, BLOCK_M, BLOCK_N,
+                                          BLOCK_K, CHUNK)
+            else:
+                acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
+                               SILU_MUL, K)
         if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
             k = k_full + offs_k
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
-            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
-        store_tile(tl.sum(acc, axis=2), tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr,
-                    cnt_ptr, stride_om, HAS_SCALE, HAS_BIAS)
+            if NORM:
+                acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
+                                          stride_rom, tile, M, k, k_stop, True, HAS_RES, BLOCK_M, BLOCK_N,
+                                          BLOCK_K, CHUNK)
+            else:
+                acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
+                               SILU_MUL, K)
+        sums = tl.sum(acc, axis=2)
+        if NORM:  # one K split covers the whole row, so ssq is the row's full sum of squares
+            sums = sums * tl.math.rsqrt(tl.sum(ssq, axis=1) / K + eps)[:, None]
+        store_tile(sums, tl.arange(0, BLOCK_M), offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                   stride_om, HAS_SCALE, HAS_BIAS)
 
     @triton.jit
     def _mma(w, xt, acc, DOT_F32: tl.constexpr):
@@ -299,11 +353,35 @@ if HAS_TRITON:
             acc = tl.dot(w.to(xt.dtype), xt, acc)
         return acc
 
+    @triton.jit
+    def _dot_step(acc, ssq, k, k_stop, x_ptr, w_rows, r_ptr, g_ptr, r_out_ptr, xt_cols, offs_m, mask_x, stride_xm,
+                  stride_rm, stride_rom, tile, up_offset, TAIL: tl.constexpr, DOT_F32: tl.constexpr,
+                  SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """One K tile of the dot kernel: x^T [BLOCK_K, BLOCK_M] (plain, SiLU-and-mul, or RMSNorm input adding its
+        s^2 column sums to ssq) against the weight tile. Only the TAIL tile masks along K."""
+        mask_xt = mask_x
+        if TAIL:
+            mask_xt = mask_x & (k[:, None] < k_stop)
+        if NORM:
+            s, xn = _load_norm_x(x_ptr, r_ptr, g_ptr, r_out_ptr, offs_m[None, :] * stride_xm + k[:, None],
+                                offs_m[None, :] * stride_rm + k[:, None], offs_m[None, :] * stride_rom + k[:, None],
+                                k[:, None], mask_xt, k[:, None] < k_stop, tile, HAS_RES)
+            ssq += tl.sum(s * s, axis=0)
+            xt = xn.to(x_ptr.dtype.element_ty)
+        else:
+            xt = load_x(xt_cols + k[:, None], mask_xt, up_offset, SILU_MUL)
+        if TAIL:
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
+        else:
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+        return _mma(w, xt, acc, DOT_F32), ssq
+
     @triton.jit(do_not_specialize=["M", "SPLIT_K"])
-    def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLIT_K,
-                         stride_xm, stride_wn, stride_om, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_F32: tl.constexpr, SILU_MUL: tl.constexpr):
+    def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, g_ptr, r_out_ptr, M, N, K,
+                         K_PER_SPLIT, SPLIT_K, stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
+                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, SILU_MUL: tl.constexpr,
+                         NORM: tl.constexpr, HAS_RES: tl.constexpr):
         """Program (column tile, K split): tensor-core W_tile @ x^T, weight rows on the MMA's wide side."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,17 +392,19 @@ if HAS_TRITON:
         k_begin = tl.program_id(1) * K_PER_SPLIT
         k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
         k_full = k_begin + (k_stop - k_begin) // BLOCK_K * BLOCK_K
+        tile = tl.program_id(0)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        ssq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(k_begin, k_full, BLOCK_K):
-            k = k0 + offs_k
-            xt = load_x(xt_cols + k[:, None], mask_x, K, SILU_MUL)
-            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            acc = _mma(w, xt, acc, DOT_F32)
+            acc, ssq = _dot_step(acc, ssq, k0 + offs_k, k_stop, x_ptr, w_rows, r_ptr, g_ptr, r_out_ptr, xt_cols, offs_m,
+                                 mask_x, stride_xm, stride_rm, stride_rom, tile, K, False, DOT_F32, SILU_MUL,
+                                 NORM, HAS_RES)
         if not EVEN_K:
-            k = k_full + offs_k
-            xt = load_x(xt_cols + k[:, None], mask_x & (k[:, None] < k_stop), K, SILU_MUL)
-            w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
-            acc = _mma(w, xt, acc, DOT_F32)
+            acc, ssq = _dot_step(acc, ssq, k_full + offs_k, k_stop, x_ptr, w_rows, r_ptr, g_ptr, r_out_ptr, xt_cols,
+                                 offs_m, mask_x, stride_xm, stride_rm, stride_rom, tile, K, True, DOT_F32,
+                                 SILU_MUL, NORM, HAS_RES)
+        if NORM:
+            acc = acc * tl.math.rsqrt(ssq / K + eps)[None, :]
         store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                     HAS_SCALE, HAS_BIAS)
 
@@ -358,9 +438,27 @@ def _check_config(cfg: GemvConfig) -> None:
         raise ValueError(f"the dot kernel needs block_n and block_k >= 16, got {cfg}")
 
 
+def _check_norm(x: torch.Tensor, rms_weight: torch.Tensor, residual: torch.Tensor | None,
+                residual_out: torch.Tensor | None, silu_mul: bool) -> None:
+    if silu_mul:
+        raise ValueError("gemv takes either silu_mul or an RMSNorm input, not both")
+    if rms_weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_weight must be [{x.shape[1]}], got {tuple(rms_weight.shape)}")
+    if (residual is None) != (residual_out is None):
+        raise ValueError("a residual needs residual_out (where x + residual goes) and vice versa")
+    for name, t in (("residual", residual), ("residual_out", residual_out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.stride(1) != 1):
+            raise ValueError(f"{name} must be {tuple(x.shape)} {x.dtype} with unit column stride, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if residual_out is not None and any(residual_out.data_ptr() == t.data_ptr() for t in (x, residual)):
+        raise ValueError("residual_out must not alias x or residual: other programs still read them")
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: GemvConfig | None = None,
-         out: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, silu_mul: bool = False, rms_weight: torch.Tensor | None = None,
+         rms_eps: float = 1e-6, residual: torch.Tensor | None = None,
+         residual_out: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (w [N, K] * w_scale)^T + bias for M <= 16, streaming w once (see the module docstring).
 
     x: bf16/fp16, rows may be strided; w: x's dtype, or float8_e4m3fn with w_scale [N, 1] (or [N]) fp32; bias: [N].
@@ -368,8 +466,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     config overrides `gemv_config` (benchmarks). silu_mul: x is a merged [M, 2K] gate|up projection and the
     input is SiLU(gate) * up, computed as x is loaded (a SwiGLU MLP's down projection without the separate
     activation launch).
+    rms_weight: the input is RMSNorm(s) * rms_weight with s = x (+ residual), the pre-norm of a decoder layer
+    folded into the load: products use s * rms_weight and each row's 1 / rms (its sum of squares accumulates in
+    the same K loop) scales the finished sums, so the norm costs no launch and no pass of its own. With a
+    residual, s is also written to residual_out (rounded to x's dtype), the layer's new residual stream. The norm
+    needs whole rows per program, so this mode runs without a K split.
     """
     _check(x, w, w_scale, bias, silu_mul)
+    if rms_weight is not None:
+        _check_norm(x, rms_weight, residual, residual_out, silu_mul)
     m = x.shape[0]
     n, k = w.shape
     out_dtype = out_dtype or (out.dtype if out is not None else x.dtype)
@@ -377,7 +482,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
         raise ValueError(f"out must be [{m}, {n}] {out_dtype} with unit column stride, got {tuple(out.shape)} "
                          f"{out.dtype}")
     if not can_use_triton(x):
-        y = gemv_ref(silu_and_mul_ref(x) if silu_mul else x, w, w_scale, bias, out_dtype)
+        if rms_weight is None:
+            inp = silu_and_mul_ref(x) if silu_mul else x
+        elif residual is None:
+            inp = rms_norm_ref(x, rms_weight, rms_eps)
+        else:
+            inp, new_residual = fused_add_rms_norm_ref(x, residual, rms_weight, rms_eps)
+            residual_out.copy_(new_residual)
+        y = gemv_ref(inp, w, w_scale, bias, out_dtype)
         return y if out is None else out.copy_(y)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -386,16 +498,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     cfg = config or gemv_config(m, n, k, w.dtype)
     _check_config(cfg)
     tiles = cdiv(n, cfg.block_n)
-    split = cfg.split_k or auto_split_k(tiles, k, cfg.block_k, num_sms(x.device))
+    split = 1 if rms_weight is not None else cfg.split_k or auto_split_k(tiles, k, cfg.block_k, num_sms(x.device))
     k_per_split = cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k
     split = cdiv(k, k_per_split)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     counters = split_counters(x.device, tiles) if split > 1 else out
     scale = w_scale.reshape(-1).float() if w_scale is not None else out
-    args = (x, w, scale, bias if bias is not None else out, out, ws, counters, m, n, k, k_per_split, split,
-            x.stride(0), w.stride(0), out.stride(0))
+    res_in = residual if residual is not None else x
+    res_out = residual_out if residual_out is not None else x
+    args = (x, w, scale, bias if bias is not None else out, out, ws, counters, res_in,
+            rms_weight if rms_weight is not None else x, res_out, m, n, k, k_per_split, split, x.stride(0),
+            w.stride(0), out.stride(0), res_in.stride(0), res_out.stride(0), rms_eps)
     flags = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SILU_MUL=silu_mul, num_warps=cfg.num_warps)
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SILU_MUL=silu_mul, NORM=rms_weight is not None,
+                 HAS_RES=residual is not None, num_warps=cfg.num_warps)
     if cfg.kernel == "fma":
         chunk = min(16 // w.element_size(), cfg.block_k)  # one 16-byte weight vector per thread
         _gemv_fma_kernel[(tiles, split)](*args, BLOCK_M=next_power_of_2(m), CHUNK=chunk, NUM_STAGES=cfg.num_stages,

@@ -14,6 +14,7 @@ from torch import nn
 
 from swiftlm.kernels.gemv import gemv, use_gemv
 from swiftlm.layers.activation import SiluAndMul
+from swiftlm.layers.norm import RMSNorm
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | int | None"], None]
 
@@ -38,8 +39,24 @@ class LinearMethod:
         projection). Methods whose decode kernel can fuse the activation into its input load override this."""
         return self.apply(layer, SiluAndMul()(gate_up), bias)
 
+    def apply_pre_norm(self, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer applied to norm(x + residual), x + residual): a decoder's pre-norm and the projection after
+        it. Methods whose decode kernel can fold the norm into its input load override this."""
+        h, residual = norm.pre_norm(x, residual)
+        return self.apply(layer, h, bias), residual
+
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         """Hook for repacking or quantizing once all shards are in (e.g. online FP8)."""
+
+
+def gemv_pre_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, weight: torch.Tensor,
+                  w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`LinearMethod.apply_pre_norm` as one GEMV launch: the (add +) RMSNorm happens as the input is loaded."""
+    new_residual = torch.empty_like(residual) if residual is not None else None
+    y = gemv(x, weight, w_scale, bias, rms_weight=norm.weight, rms_eps=norm.eps, residual=residual,
+             residual_out=new_residual)
+    return y, new_residual if new_residual is not None else x
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -57,6 +74,12 @@ class UnquantizedLinearMethod(LinearMethod):
         if use_gemv(gate_up, layer.weight):
             return gemv(gate_up, layer.weight, bias=bias, silu_mul=True)
         return super().apply_silu_mul(layer, gate_up, bias)
+
+    def apply_pre_norm(self, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_gemv(x, layer.weight):
+            return gemv_pre_norm(x, residual, norm, layer.weight, None, bias)
+        return super().apply_pre_norm(layer, x, residual, norm, bias)
 
 
 class LinearBase(nn.Module):
@@ -88,6 +111,12 @@ class LinearBase(nn.Module):
         if silu_mul:
             return self.quant_method.apply_silu_mul(self, x, self.bias)
         return self.quant_method.apply(self, x, self.bias)
+
+    def forward_pre_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual); residual None means norm(x) and x. The quant method may fold
+        the norm into its kernel (decode GEMVs do)."""
+        return self.quant_method.apply_pre_norm(self, x, residual, norm, self.bias)
 
     def _shard_offset(self, param: nn.Parameter, shard_id: str | int | None) -> tuple[int, int]:
         """(offset, size) of `shard_id` along the parameter's output dim, in the parameter's own units."""

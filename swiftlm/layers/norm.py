@@ -25,3 +25,9 @@ class RMSNorm(nn.Module):
             return fn(x, self.weight, self.eps)
         fn2 = fused_norm.fused_add_rms_norm if x.is_cuda else fused_norm.fused_add_rms_norm_ref
         return fn2(x, residual, self.weight, self.eps)
+
+    def pre_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder's pre-norm: (norm(x + residual), x + residual), or (norm(x), x) for the first layer."""
+        if residual is None:
+            return self(x), x
+        return self(x, residual)

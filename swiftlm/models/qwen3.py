@@ -3,6 +3,9 @@
     tokens -> embed -> N x [ RMSNorm -> attention(QKV, QK-norm*, RoPE, paged attn, O) -> +residual
                              RMSNorm -> MLP(gate|up -> SiLU*up -> down) -> +residual ] -> RMSNorm -> LM head
     (* Qwen3 only; Qwen2 instead has biases on Q/K/V)
+
+Each pre-norm (with the residual add before it) is handed to the projection that follows it, QKV or gate|up, so a
+decode GEMV can apply it while loading its input.
 """
 from __future__ import annotations
 
@@ -85,9 +88,11 @@ class QwenAttention(nn.Module):
         self.rotary = RotaryEmbedding(d, max_position, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.attn = Attention(hq, hkv, d, d ** -0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(hidden + residual); returns (output, hidden + residual)."""
         t = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+        qkv, residual = self.qkv_proj.forward_pre_norm(hidden, residual, norm)
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -97,7 +102,7 @@ class QwenAttention(nn.Module):
                                  self.q_norm.weight if self.q_norm is not None else None,
                                  self.k_norm.weight if self.k_norm is not None else None, self.eps)
         out = self.attn(q, k, v)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), residual
 
 
 class QwenMLP(nn.Module):
@@ -107,10 +112,12 @@ class QwenMLP(nn.Module):
                                                        quant_for(f"{prefix}.gate_up_proj"), dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, quant_for(f"{prefix}.down_proj"), dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SwiGLU: down(SiLU(gate) * up). The down projection applies the activation itself, so a decode GEMV can
-        # compute it while loading its input instead of a separate launch.
-        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SwiGLU of norm(x + residual): down(SiLU(gate) * up); returns (output, x + residual). The down projection
+        applies the activation itself, so a decode GEMV computes it while loading its input."""
+        gate_up, residual = self.gate_up_proj.forward_pre_norm(x, residual, norm)
+        return self.down_proj(gate_up, silu_mul=True), residual
 
 
 class QwenDecoderLayer(nn.Module):
@@ -124,13 +131,8 @@ class QwenDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class QwenModel(nn.Module):

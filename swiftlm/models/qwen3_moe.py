@@ -19,6 +19,7 @@ from torch import nn
 
 from swiftlm.layers.linear import ReplicatedLinear
 from swiftlm.layers.moe import FusedMoE
+from swiftlm.layers.norm import RMSNorm
 from swiftlm.models.qwen3 import QuantFor, Qwen3ForCausalLM, QwenDecoderLayer, QwenModel
 
 _EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<shard>gate|up|down)_proj\."
@@ -76,8 +77,11 @@ class Qwen3MoeSparseBlock(nn.Module):
         self.experts = FusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.moe_intermediate_size, dtype,
                                 renormalize=moe.norm_topk_prob, quant=_moe_quant(quant_for, f"{prefix}.experts"))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate.weight)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts of norm(hidden + residual) (the dense MLP's interface); returns (output, hidden + residual)."""
+        hidden, residual = norm.pre_norm(hidden, residual)
+        return self.experts(hidden, self.gate.weight), residual
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

@@ -12,7 +12,8 @@ from torch import nn
 
 from swiftlm.kernels.gemv import gemv, use_gemv
 from swiftlm.kernels.quant import FP8_DTYPE, fp8_linear, per_token_quant_fp8
-from swiftlm.layers.linear import LinearBase, LinearMethod, set_weight_attrs
+from swiftlm.layers.linear import LinearBase, LinearMethod, gemv_pre_norm, set_weight_attrs
+from swiftlm.layers.norm import RMSNorm
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -51,3 +52,9 @@ class Fp8LinearMethod(LinearMethod):
         if layer.weight.dtype == FP8_DTYPE and use_gemv(gate_up, layer.weight):
             return gemv(gate_up, layer.weight, layer.weight_scale, bias, silu_mul=True)
         return super().apply_silu_mul(layer, gate_up, bias)
+
+    def apply_pre_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.weight.dtype == FP8_DTYPE and use_gemv(x, layer.weight):
+            return gemv_pre_norm(x, residual, norm, layer.weight, layer.weight_scale, bias)
+        return super().apply_pre_norm(layer, x, residual, norm, bias)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the GPU machine: decode-path checks and the engine figures of issues 4-6, in parts that each stay under the
+# 10-minute limit of one device call.
+#   check:      the GEMV / fused-kernel tests on CUDA and the GPU engine tests (bf16 vs transformers, graphs);
+#   tpot:       batch-1 decode profile of Qwen3-8B (plus the throughput workload's profile), then bench_engine
+#               without the throughput run for Qwen3-8B bf16, Qwen3-8B FP8 and Qwen3-30B-A3B bf16;
+#   throughput: the full bench_engine runs (throughput included) of Qwen3-8B bf16 and Qwen3-30B-A3B bf16 (with the
+#               concurrency sweep).
+# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|throughput OUT_DIR
+set -uo pipefail
+part=$1; out=$2
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+mkdir -p "$out"
+commit=${SWIFTLM_COMMIT:-unknown}
+dense=benchmarks/models/qwen3-8b
+moe=benchmarks/models/qwen3-30b-a3b
+bench() {  # name, then bench_engine arguments
+  local name=$1; shift
+  python3 benchmarks/bench_engine.py --skip-hf --iters 2 "$@" --json "$out/engine_${name}_h100_$commit.json" \
+    > "$out/engine_$name.txt" 2>&1
+  grep -E "captured|loaded|tpot|ttft|throughput|startup|Error|error" "$out/engine_$name.txt" | tail -20
+}
+case "$part" in
+  check)
+    python3 -m pytest -q tests/test_gemv.py tests/test_fused_kernels.py 2>&1 | tail -4 | tee "$out/kernel_tests.txt"
+    python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -6 | tee "$out/gpu_tests.txt"
+    ;;
+  tpot)
+    python3 benchmarks/profile_engine.py --model $dense > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
+    head -60 "$out/profile_qwen3-8b_h100_$commit.txt"
+    bench qwen3-8b --model $dense --skip-throughput
+    bench qwen3-8b-fp8 --model $dense --skip-throughput --quantization fp8
+    bench qwen3-30b-a3b --model $moe --skip-throughput
+    ;;
+  throughput)
+    bench qwen3-8b --model $dense
+    bench qwen3-30b-a3b --model $moe --concurrency 1 2 4 8 16 32 64
+    ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
