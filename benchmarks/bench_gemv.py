@@ -13,6 +13,10 @@ Timing: a CUDA graph of >= 20 back-to-back calls, rotating over >= 4 copies of t
 L2 (50 MB) never holds the next call's weight), replayed; median per call. GB/s = weight bytes (+ fp32 scales) /
 time, shown against --peak-gbps (3000, H100 SXM). Kernels compile first in parallel worker processes (Triton disk
 cache); the sweep then stops adding variants once --budget-s is spent (remaining cases: current config + baselines).
+--fused times the fused-input modes instead, where a shape has one: "norm" (qkv, gate_up: x + residual, RMSNorm
+folded into the load, new residual written) and "silu" (down: SiLU(gate) * up of a [M, 2K] input); the baseline is
+then the unfused sequence (the norm or activation kernel, then the plain GEMV with its current config), and the
+literal printed is FUSED_GEMV_CONFIGS.
 Output: one line per (shape, M, dtype) as it goes, then the summary table, then a paste-ready GEMV_CONFIGS literal
 for swiftlm/kernels/gemv.py. --json PATH writes every measurement.
 
@@ -53,6 +57,7 @@ SHAPES: dict[str, tuple[int, int, tuple[str, ...]]] = {  # name: (N, K, weight d
     "30b.qkv": (5120, 2048, ("bf16", "fp8")),
     "30b.o": (2048, 4096, ("bf16", "fp8")),
 }
+FUSED_MODES = {"8b.qkv": "norm", "8b.gate_up": "norm", "8b.down": "silu", "30b.qkv": "norm"}
 MS = (1, 2, 4, 8, 16)
 ELEMENT = {"bf16": 2, "fp8": 1}
 REL_TOL = 1e-2  # vs fp32 math; bf16 output rounding alone is ~3e-3
@@ -121,11 +126,12 @@ def splits(n: int, k: int, block_n: int, block_k: int) -> list[int]:
     return sorted(chosen)
 
 
-def variants(n: int, k: int, m: int, dtype: str, quick: bool) -> list[GemvConfig]:
+def variants(n: int, k: int, m: int, dtype: str, quick: bool, mode: str = "plain") -> list[GemvConfig]:
     out = []
     for kernel in ("fma", "dot"):
         for block_n, block_k, warps, stages in layouts(kernel, dtype, k, m, quick):
-            out += [GemvConfig(kernel, block_n, block_k, s, warps, stages) for s in splits(n, k, block_n, block_k)]
+            ks = [1] if mode == "norm" else splits(n, k, block_n, block_k)  # the norm needs whole rows
+            out += [GemvConfig(kernel, block_n, block_k, s, warps, stages) for s in ks]
     return out
 
 
@@ -133,9 +139,11 @@ def label(cfg: GemvConfig) -> str:
     return f"{cfg.kernel} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
 
 
-def current_config(n: int, k: int, m: int, dtype: str) -> GemvConfig:
-    """What `gemv` runs today without a config (GEMV_CONFIGS entry or default heuristic), split made explicit."""
-    cfg = gk.gemv_config(m, n, k, quant.FP8_DTYPE if dtype == "fp8" else torch.bfloat16)
+def current_config(n: int, k: int, m: int, dtype: str, mode: str = "plain") -> GemvConfig:
+    """What `gemv` runs today without a config (table entry or default heuristic), split made explicit."""
+    cfg = gk.gemv_config(m, n, k, quant.FP8_DTYPE if dtype == "fp8" else torch.bfloat16, mode)
+    if mode == "norm":
+        return dataclasses.replace(cfg, split_k=1)
     if cfg.split_k == 0:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         cfg = dataclasses.replace(cfg, split_k=gk.auto_split_k(math.ceil(n / cfg.block_n), k, cfg.block_k, sms))
@@ -146,17 +154,43 @@ def current_config(n: int, k: int, m: int, dtype: str) -> GemvConfig:
 # Parallel precompilation (fills Triton's disk cache; the main process then only loads binaries)
 # ----------------------------------------------------------------------------------------------------------
 
-def compile_job(job: tuple[str, str, int, int, int, int, int]) -> tuple[tuple, str | None]:
+def fused_inputs(m: int, k: int, mode: str, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """x and the extra gemv arguments of an input mode (random if gen is given, else zeros)."""
+    def make(*shape: int) -> torch.Tensor:
+        if gen is None:
+            return torch.zeros(*shape, dtype=torch.bfloat16, device=DEVICE)
+        return torch.randn(*shape, device=DEVICE, generator=gen).to(torch.bfloat16)
+    if mode == "silu":
+        return make(m, 2 * k), dict(silu_mul=True)
+    x = make(m, k)
+    if mode == "norm":
+        gamma = make(k).abs() + 0.5
+        return x, dict(rms_weight=gamma, rms_eps=1e-6, residual=make(m, k), residual_out=torch.empty_like(x))
+    return x, {}
+
+
+def mode_ref(x: torch.Tensor, kw: dict, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """fp32 reference output of an input mode: the unfused norm / activation, then gemv_ref."""
+    from swiftlm.kernels.activation import silu_and_mul_ref
+    from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref
+    if kw.get("silu_mul"):
+        x = silu_and_mul_ref(x)
+    elif "rms_weight" in kw:
+        x = fused_add_rms_norm_ref(x, kw["residual"], kw["rms_weight"], kw["rms_eps"])[0]
+    return gk.gemv_ref(x, w, scale, out_dtype=torch.float32)
+
+
+def compile_job(job: tuple[str, str, int, int, int, int, int, str]) -> tuple[tuple, str | None]:
     """Compile (and run once on a tiny problem with the same specialization) one kernel variant."""
-    kernel, dtype, bm, block_n, block_k, warps, stages = job
+    kernel, dtype, bm, block_n, block_k, warps, stages, mode = job
     try:
         n, k = max(32, 2 * block_n), 2 * block_k  # multiples of 16 like every benchmark shape; K % block_k == 0
-        x = torch.zeros(bm, k, dtype=torch.bfloat16, device=DEVICE)
+        x, kw = fused_inputs(bm, k, mode)
         w = torch.zeros(n, k, dtype=torch.bfloat16, device=DEVICE)
         scale = None
         if dtype == "fp8":
             w, scale = w.to(quant.FP8_DTYPE), torch.ones(n, 1, device=DEVICE)
-        gk.gemv(x, w, scale, config=GemvConfig(kernel, block_n, block_k, 1, warps, stages))
+        gk.gemv(x, w, scale, config=GemvConfig(kernel, block_n, block_k, 1, warps, stages), **kw)
         torch.cuda.synchronize()
         return job, None
     except Exception as exc:  # noqa: BLE001 - reported; the main process retries all but OutOfResources
@@ -185,9 +219,9 @@ def precompile(jobs: list[tuple], workers: int, timeout_s: float) -> dict[tuple,
     return errors
 
 
-def job_of(cfg: GemvConfig, dtype: str, m: int) -> tuple[str, str, int, int, int, int, int]:
+def job_of(cfg: GemvConfig, dtype: str, m: int, mode: str = "plain") -> tuple[str, str, int, int, int, int, int, str]:
     bm = gk.m_bucket(m) if cfg.kernel == "fma" else 1  # the dot kernel pads M to 16: one binary for all M
-    return cfg.kernel, dtype, bm, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages
+    return cfg.kernel, dtype, bm, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, mode
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,28 +289,42 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_variant(cfg: GemvConfig, x: torch.Tensor, wts: Weights, ref: torch.Tensor, max_s: float,
-                prefix: str = "") -> dict:
-    """Check one gemv config on copy 0, then time it over all copies."""
+                prefix: str = "", kw: dict | None = None) -> dict:
+    """Check one gemv config on copy 0, then time it over all copies (kw: the input mode's extra arguments)."""
     row: dict = dict(config=dataclasses.asdict(cfg), label=prefix + label(cfg))
+    kw = kw or {}
     try:
-        out = gk.gemv(x, wts.w[0], wts.scale[0], config=cfg)
-        again = gk.gemv(x, wts.w[0], wts.scale[0], config=cfg)
+        out = gk.gemv(x, wts.w[0], wts.scale[0], config=cfg, **kw)
+        again = gk.gemv(x, wts.w[0], wts.scale[0], config=cfg, **kw)
         torch.cuda.synchronize()
         row["rel_err"] = rel_err(out, ref)
         row["deterministic"] = bool(torch.equal(out, again))
         if not (row["rel_err"] < REL_TOL and row["deterministic"]):
             row["error"] = "wrong result" if row["deterministic"] else "nondeterministic split-K"
             return row
-        row["us"] = graph_us(lambda i: gk.gemv(x, wts.w[i], wts.scale[i], config=cfg), len(wts.w), max_s)
+        row["us"] = graph_us(lambda i: gk.gemv(x, wts.w[i], wts.scale[i], config=cfg, **kw), len(wts.w), max_s)
     except Exception as exc:  # noqa: BLE001 - compile errors / out of resources are results too
         row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
 
 
-def run_baselines(x: torch.Tensor, wts: Weights, ref: torch.Tensor, max_s: float) -> dict[str, dict]:
-    """cuBLAS for bf16; scaled_mm (x pre-quantized), quant+scaled_mm and swiftlm's fp8_linear for fp8."""
+def run_baselines(x: torch.Tensor, wts: Weights, ref: torch.Tensor, max_s: float, kw: dict | None = None
+                  ) -> dict[str, dict]:
+    """cuBLAS for bf16; scaled_mm (x pre-quantized), quant+scaled_mm and swiftlm's fp8_linear for fp8. For a fused
+    input mode: "unfused", the norm (add + RMSNorm kernel) or activation kernel, then the plain GEMV."""
     copies = len(wts.w)
-    if wts.dtype == "bf16":
+    if kw:
+        from swiftlm.kernels.activation import silu_and_mul
+        from swiftlm.kernels.fused_norm import fused_add_rms_norm
+
+        def unfused(i: int) -> torch.Tensor:
+            if kw.get("silu_mul"):
+                h = silu_and_mul(x)
+            else:
+                h = fused_add_rms_norm(x, kw["residual"], kw["rms_weight"], kw["rms_eps"])[0]
+            return gk.gemv(h, wts.w[i], wts.scale[i])
+        fns = {"unfused": unfused}
+    elif wts.dtype == "bf16":
         fns = {"cublas": lambda i: F.linear(x, wts.w[i])}
     else:
         xq, xs = quant.per_token_quant_fp8(x)
@@ -310,14 +358,21 @@ HEADER = (f"{'shape':11} {'N':>6} {'K':>5} {'M':>2} {'dtype':5}| {'best us':>7} 
           f"fp8 extras (us) | ok/tried")
 
 
+def baseline_name(case: dict) -> tuple[str, str]:
+    """(shown name, baselines key) of the path a case's GEMV replaces."""
+    if case["mode"] != "plain":
+        return "unfused", "unfused"
+    return ("cuBLAS", "cublas") if case["dtype"] == "bf16" else ("scaled_mm", "scaled_mm")
+
+
 def case_line(case: dict, peak: float) -> str:
     """One row of HEADER: best variant, the current config, and the baseline(s) for this case."""
     best = case.get("best") or {}
     base = case["baselines"]
     base_us = {name: entry.get("us") for name, entry in base.items()}
-    ref_name = "cuBLAS" if case["dtype"] == "bf16" else "scaled_mm"
-    ref_us = base_us.get("cublas" if case["dtype"] == "bf16" else "scaled_mm")
-    extra = "" if case["dtype"] == "bf16" else (
+    ref_name, ref_key = baseline_name(case)
+    ref_us = base_us.get(ref_key)
+    extra = "" if case["dtype"] == "bf16" or case["mode"] != "plain" else (
         f"quant+mm {fmt(base_us.get('quant+mm'), '.1f', 5)} sl_fp8 {fmt(base_us.get('sl_fp8'), '.1f', 5)} "
         f"bf16-cuBLAS {fmt(case.get('bf16_cublas_us'), '.1f', 5)}")
     bw = gbps(case["bytes"], best.get("us"))
@@ -331,16 +386,20 @@ def case_line(case: dict, peak: float) -> str:
 
 
 def config_literal(cases: list[dict]) -> str:
-    lines = ["GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {"]
+    fused = any(case["mode"] != "plain" for case in cases)
+    lines = ["FUSED_GEMV_CONFIGS: dict[tuple[int, int, int, str, str], GemvConfig] = {" if fused else
+             "GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {"]
     for case in cases:
         best = case.get("best")
         if not best:
             continue
         cfg = GemvConfig(**best["config"])
-        base = case["baselines"].get("cublas" if case["dtype"] == "bf16" else "scaled_mm", {}).get("us")
-        note = "" if base is None else f"; {'cuBLAS' if case['dtype'] == 'bf16' else 'scaled_mm'} {base:.1f} us"
+        name, key = baseline_name(case)
+        base = case["baselines"].get(key, {}).get("us")
+        note = "" if base is None else f"; {name} {base:.1f} us"
         slower = "  SLOWER than baseline" if base is not None and best["us"] > base else ""
-        lines.append(f"    ({case['n']}, {case['k']}, {gk.m_bucket(case['m'])}, {case['dtype']!r}): {cfg!r},  "
+        mode = f", {case['mode']!r}" if fused else ""
+        lines.append(f"    ({case['n']}, {case['k']}, {gk.m_bucket(case['m'])}, {case['dtype']!r}{mode}): {cfg!r},  "
                      f"# {best['us']:.1f} us{note}{slower}")
     lines.append("}")
     return "\n".join(lines)
@@ -360,6 +419,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),
                         help="precompile processes (0 = compile lazily in this process)")
     parser.add_argument("--json", type=pathlib.Path, help="write every measurement here")
+    parser.add_argument("--fused", action="store_true", help="sweep the fused-input modes (FUSED_MODES shapes)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -369,10 +429,16 @@ def main() -> int:
           f"torch {torch.__version__}  triton {triton.__version__}  peak {args.peak_gbps:.0f} GB/s", flush=True)
 
     todo = [(name, m, dtype) for m in args.ms for dtype in args.dtypes for name in args.shapes
-            if dtype in SHAPES[name][2]]  # M-major: if the budget runs out, large M loses its sweep first
-    plans = {case: variants(SHAPES[case[0]][0], SHAPES[case[0]][1], case[1], case[2], args.quick) for case in todo}
-    current = {case: current_config(SHAPES[case[0]][0], SHAPES[case[0]][1], case[1], case[2]) for case in todo}
-    jobs = sorted({job_of(cfg, case[2], case[1]) for case, cfgs in plans.items() for cfg in cfgs + [current[case]]})
+            if dtype in SHAPES[name][2] and (name in FUSED_MODES or not args.fused)]  # M-major: large M loses first
+
+    def mode_of(name: str) -> str:
+        return FUSED_MODES[name] if args.fused else "plain"
+    plans = {case: variants(SHAPES[case[0]][0], SHAPES[case[0]][1], case[1], case[2], args.quick, mode_of(case[0]))
+             for case in todo}
+    current = {case: current_config(SHAPES[case[0]][0], SHAPES[case[0]][1], case[1], case[2], mode_of(case[0]))
+               for case in todo}
+    jobs = sorted({job_of(cfg, case[2], case[1], mode_of(case[0])) for case, cfgs in plans.items()
+                   for cfg in cfgs + [current[case]]})
     failed_jobs = precompile(jobs, args.workers, timeout_s=0.45 * args.budget_s)
     print(f"{len(todo)} cases, {sum(len(v) for v in plans.values())} variants, {len(jobs)} kernels; sweep starts at "
           f"{time.perf_counter() - t0:.0f} s. fma/dot = best of each kernel; cur = current config (gemv_config)")
@@ -385,20 +451,22 @@ def main() -> int:
     for name, m, dtype in todo:
         n, k, _ = SHAPES[name]
         wts = weights[(name, dtype)]
-        x = torch.randn(m, k, device=DEVICE, generator=gen).to(torch.bfloat16)
-        ref = gk.gemv_ref(x, wts.w[0], wts.scale[0], out_dtype=torch.float32)
-        case = dict(shape=name, n=n, k=k, m=m, dtype=dtype, bytes=wts.bytes, copies=len(wts.w))
-        case["baselines"] = run_baselines(x, wts, ref, args.variant_s)
+        mode = mode_of(name)
+        x, kw = fused_inputs(m, k, mode, gen)
+        ref = mode_ref(x, kw, wts.w[0], wts.scale[0])
+        case = dict(shape=name, n=n, k=k, m=m, dtype=dtype, mode=mode, bytes=wts.bytes, copies=len(wts.w))
+        case["baselines"] = run_baselines(x, wts, ref, args.variant_s, kw)
         if dtype == "bf16":
             cublas[(name, m)] = case["baselines"].get("cublas", {}).get("us")
         case["bf16_cublas_us"] = cublas.get((name, m))
-        case["current"] = run_variant(current[(name, m, dtype)], x, wts, ref, args.variant_s, prefix="current: ")
+        case["current"] = run_variant(current[(name, m, dtype)], x, wts, ref, args.variant_s, prefix="current: ",
+                                      kw=kw)
         results = [case["current"]]
         over_budget = time.perf_counter() - t0 > args.budget_s
         for cfg in [] if over_budget else plans[(name, m, dtype)]:
-            err = failed_jobs.get(job_of(cfg, dtype, m), "")
+            err = failed_jobs.get(job_of(cfg, dtype, m, mode), "")
             results.append(dict(config=dataclasses.asdict(cfg), label=label(cfg), error=err)
-                           if err.startswith("OutOfResources") else run_variant(cfg, x, wts, ref, args.variant_s))
+                           if err.startswith("OutOfResources") else run_variant(cfg, x, wts, ref, args.variant_s, kw=kw))
         for r in results:
             r.update(shape=name, n=n, k=k, m=m, dtype=dtype, gbps=gbps(wts.bytes, r.get("us")))
         rows += results

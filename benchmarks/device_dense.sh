@@ -4,9 +4,11 @@
 #   check:      the GEMV / fused-kernel tests on CUDA and the GPU engine tests (bf16 vs transformers, graphs);
 #   tpot:       batch-1 decode profile of Qwen3-8B (plus the throughput workload's profile), then bench_engine
 #               without the throughput run for Qwen3-8B bf16, Qwen3-8B FP8 and Qwen3-30B-A3B bf16;
+#   sweep:      decode GEMV tiles of the fused-input modes (bench_gemv.py --fused, M = 1, 2), then a batch-1 decode
+#               profile of Qwen3-8B FP8;
 #   throughput: the full bench_engine runs (throughput included) of Qwen3-8B bf16 and Qwen3-30B-A3B bf16 (with the
 #               concurrency sweep).
-# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|throughput OUT_DIR
+# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput OUT_DIR
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -31,6 +33,14 @@ case "$part" in
     bench qwen3-8b --model $dense --skip-throughput
     bench qwen3-8b-fp8 --model $dense --skip-throughput --quantization fp8
     bench qwen3-30b-a3b --model $moe --skip-throughput
+    ;;
+  sweep)
+    python3 benchmarks/bench_gemv.py --fused --ms 1 2 --budget-s 240 --json "$out/gemv_fused_h100_$commit.json" \
+      > "$out/gemv_fused_h100_$commit.txt" 2>&1
+    sed -n '/==== summary/,$p' "$out/gemv_fused_h100_$commit.txt"
+    python3 benchmarks/profile_engine.py --model $dense --quantization fp8 --num-prompts 0 \
+      > "$out/profile_qwen3-8b-fp8_h100_$commit.txt" 2>&1
+    head -24 "$out/profile_qwen3-8b-fp8_h100_$commit.txt"
     ;;
   throughput)
     bench qwen3-8b --model $dense

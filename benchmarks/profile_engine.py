@@ -35,8 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/qwen3-8b")
     ap.add_argument("--num-prompts", type=int, default=256, help="throughput-run prompts; 0 skips that run")
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 (online)")
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_num_seqs=256)
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=256, quantization=args.quantization)
     engine, runner = llm.engine, llm.engine.model_runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     runner.execute = timed("execute", runner.execute)

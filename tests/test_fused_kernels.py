@@ -112,15 +112,24 @@ def test_fused_add_rms_norm_fp8_kernel(dtype: torch.dtype, with_residual: bool) 
 
 @needs_kernels
 def test_norm_quant_feeds_fp8_linear_like_the_unfused_sequence() -> None:
+    """The fused norm + per-token quant output, fed to fp8_linear, matches the exact fp32 math of norm -> linear as
+    closely as the unfused sequence (bf16 norm, then fp8_linear quantizing it) does. Both carry e4m3 activation
+    rounding (2^-4 relative per element), so they are compared by relative Frobenius error, not elementwise: one
+    element rounding the other way between the two paths is legitimate."""
     torch.manual_seed(0)
     x, r = (torch.randn(4, 128, device=DEVICE).to(torch.bfloat16) for _ in range(2))
     w = torch.ones(128, device=DEVICE).to(torch.bfloat16)
     wq, ws = quant.quantize_weight_fp8_ref(torch.randn(64, 128, device=DEVICE) * 0.05)
     q, s, _ = fused_norm.fused_add_rms_norm_fp8(x, r, w, 1e-6)
-    fused = quant.fp8_linear(q, wq, ws, x_scale=s)
+    fused = quant.fp8_linear(q, wq, ws, x_scale=s).float()
     normed = fused_norm.fused_add_rms_norm_ref(x, r, w, 1e-6)[0].float()
-    unfused = quant.fp8_linear(normed, wq, ws, out_dtype=torch.bfloat16)
-    torch.testing.assert_close(fused.float(), unfused.float(), atol=2e-2, rtol=2e-2)
+    unfused = quant.fp8_linear(normed, wq, ws, out_dtype=torch.bfloat16).float()
+    exact = normed @ (wq.float() * ws.float()).t()
+
+    def rel(a: torch.Tensor) -> float:
+        return ((a - exact).norm() / exact.norm()).item()
+    assert rel(fused) < 3e-2 and rel(unfused) < 3e-2
+    assert rel(fused) < 2 * rel(unfused) + 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -122,6 +122,15 @@ GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {
 }
 
 
+# Tiles for the fused-input modes of `gemv`, keyed (N, K, M bucket, weight kind, mode): "norm" (an RMSNorm input,
+# the qkv and gate|up projections) and "silu" (SiLU(gate) * up, the down projection). They load two to three
+# activation vectors per weight tile instead of one, so their best tiles can differ from the plain GEMV's,
+# most for fp8 weights (half the weight bytes per activation byte). Measured with `benchmarks/bench_gemv.py
+# --fused`; keys not listed use the plain entry. Dispatch (GEMV or not) follows GEMV_CONFIGS alone.
+FUSED_GEMV_CONFIGS: dict[tuple[int, int, int, str, str], GemvConfig] = {}
+MODES = ("plain", "norm", "silu")
+
+
 def weight_kind(dtype: torch.dtype) -> str:
     """Key component of `GEMV_CONFIGS` for a weight dtype."""
     return "fp8" if dtype == FP8_DTYPE else "bf16"
@@ -150,9 +159,11 @@ def use_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and has_tuned_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
 
 
-def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig:
-    """The tuned config for this shape if `GEMV_CONFIGS` has one, else the default for M and the weight dtype."""
-    return GEMV_CONFIGS.get((n, k, m_bucket(m), weight_kind(weight_dtype))) or _default_config(m, weight_dtype)
+def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype, mode: str = "plain") -> GemvConfig:
+    """The tuned config for this shape and input mode (`FUSED_GEMV_CONFIGS`, then `GEMV_CONFIGS`), else the default
+    for M and the weight dtype."""
+    key = (n, k, m_bucket(m), weight_kind(weight_dtype))
+    return FUSED_GEMV_CONFIGS.get((*key, mode)) or GEMV_CONFIGS.get(key) or _default_config(m, weight_dtype)
 
 
 def auto_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
@@ -495,7 +506,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or gemv_config(m, n, k, w.dtype)
+    mode = "norm" if rms_weight is not None else "silu" if silu_mul else "plain"
+    cfg = config or gemv_config(m, n, k, w.dtype, mode)
     _check_config(cfg)
     tiles = cdiv(n, cfg.block_n)
     split = 1 if rms_weight is not None else cfg.split_k or auto_split_k(tiles, k, cfg.block_k, num_sms(x.device))
