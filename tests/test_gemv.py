@@ -165,6 +165,20 @@ def test_tuned_table_is_valid_and_drives_dispatch(monkeypatch: pytest.MonkeyPatc
     assert not gk.use_gemv(x[None], w)
 
 
+def test_fused_modes_dispatch_only_where_listed_and_pick_their_own_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    for (n, k, bucket, kind, mode), cfg in gk.FUSED_GEMV_CONFIGS.items():
+        gk._check_config(cfg)
+        assert (n, k, bucket, kind) in gk.GEMV_CONFIGS and mode in ("norm", "silu")
+        assert mode != "norm" or cfg.split_k == 1  # the norm needs whole rows per program
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # dispatch only reads shapes here
+    monkeypatch.setitem(gk.GEMV_CONFIGS, (N, K, 2, "bf16"), FMA)
+    monkeypatch.setitem(gk.FUSED_GEMV_CONFIGS, (N, K, 2, "bf16", "norm"), DOT)
+    x, w, _, _ = operands(2, N, K, "bf16")
+    assert gk.use_gemv(x, w) and gk.use_gemv(x, w, "norm") and not gk.use_gemv(x, w, "silu")
+    assert gk.gemv_config(2, N, K, torch.bfloat16, "norm") is DOT
+    assert gk.gemv_config(2, N, K, torch.bfloat16, "silu") is FMA  # unlisted modes fall back to the plain tile
+
+
 def test_out_buffer_with_strided_rows() -> None:
     x, w, _, bias = operands(3, N, K, "bf16")
     buf = torch.full((4, 2 * N), 7.0, device=DEVICE)
@@ -201,7 +215,7 @@ def test_layers_route_decode_batches_through_the_gemv(monkeypatch: pytest.Monkey
     head.weight.data.copy_(w)
     expected = (layer(x).float(), q8(x).float(), head(x))
     for module in (linear, fp8, embedding):
-        monkeypatch.setattr(module, "use_gemv", lambda x, w: True)
+        monkeypatch.setattr(module, "use_gemv", lambda x, w, mode="plain": True)
         monkeypatch.setattr(module, "gemv", counted)
     got = (layer(x).float(), q8(x).float(), head(x))
     assert calls == [torch.bfloat16, FP8_DTYPE, torch.bfloat16]
@@ -247,7 +261,7 @@ def test_mlp_down_projection_fuses_the_activation_only_on_the_gemv_path(monkeypa
     want = layer(silu_and_mul_ref(gate_up)).float()
     torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
     seen = []
-    monkeypatch.setattr(linear, "use_gemv", lambda x, w: True)
+    monkeypatch.setattr(linear, "use_gemv", lambda x, w, mode="plain": True)
     monkeypatch.setattr(linear, "gemv", lambda x, w, **kw: seen.append((x.shape, kw)) or gk.gemv(x, w, **kw))
     torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
     assert seen == [((2, 2 * K), dict(bias=None, silu_mul=True))]
@@ -328,7 +342,7 @@ def test_pre_norm_projection_folds_the_norm_only_on_the_gemv_path(monkeypatch: p
     for patched in (False, True):
         if patched:
             for module in (linear, fp8):
-                monkeypatch.setattr(module, "use_gemv", lambda x, w: True)
+                monkeypatch.setattr(module, "use_gemv", lambda x, w, mode="plain": True)
             monkeypatch.setattr(linear, "gemv", lambda x, w, *a, **kw: seen.append(kw) or gk.gemv(x, w, *a, **kw))
         for (y_want, r_want), r_in in zip(want, (None, residual)):
             y, r = layer.forward_pre_norm(x, r_in, norm)

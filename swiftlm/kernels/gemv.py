@@ -122,13 +122,25 @@ GEMV_CONFIGS: dict[tuple[int, int, int, str], GemvConfig] = {
 }
 
 
-# Tiles for the fused-input modes of `gemv`, keyed (N, K, M bucket, weight kind, mode): "norm" (an RMSNorm input,
-# the qkv and gate|up projections) and "silu" (SiLU(gate) * up, the down projection). They load two to three
-# activation vectors per weight tile instead of one, so their best tiles can differ from the plain GEMV's,
-# most for fp8 weights (half the weight bytes per activation byte). Measured with `benchmarks/bench_gemv.py
-# --fused`; keys not listed use the plain entry. Dispatch (GEMV or not) follows GEMV_CONFIGS alone.
-FUSED_GEMV_CONFIGS: dict[tuple[int, int, int, str, str], GemvConfig] = {}
-MODES = ("plain", "norm", "silu")
+# Fused-input modes of `gemv`, keyed (N, K, M bucket, weight kind, mode): "norm" (an RMSNorm input, the qkv and
+# gate|up projections) and "silu" (SiLU(gate) * up, the down projection). They load two to three activation vectors
+# per weight tile instead of one, so they can lose to the unfused sequence (the norm or activation kernel, then the
+# plain GEMV), most with fp8 weights (half the weight bytes per activation byte) and at M >= 2. Only keys where
+# the fused GEMV beat that sequence are listed, and layers fuse exactly there (`use_gemv(x, w, mode)`). Measured on
+# H100 80GB HBM3 with `benchmarks/bench_gemv.py --fused --ms 1 2` (benchmarks/results/gemv_fused_h100_*.json);
+# comments: fused vs unfused.
+FUSED_GEMV_CONFIGS: dict[tuple[int, int, int, str, str], GemvConfig] = {
+    (4096, 12288, 1, 'bf16', 'silu'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 35.6 vs 37.0 us
+    (4096, 12288, 2, 'bf16', 'silu'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 36.8 vs 37.1 us
+    (5120, 2048, 1, 'bf16', 'norm'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 9.5 vs 10.6 us
+    (5120, 2048, 2, 'bf16', 'norm'): GemvConfig('fma', 8, 512, 1, 2, 1),  # 11.1 vs 11.2 us
+    (6144, 4096, 1, 'bf16', 'norm'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 19.2 vs 20.1 us
+    (6144, 4096, 2, 'bf16', 'norm'): GemvConfig('fma', 4, 1024, 1, 4, 1),  # 20.9 vs 21.3 us
+    (24576, 4096, 1, 'bf16', 'norm'): GemvConfig('fma', 4, 2048, 1, 8, 1),  # 66.3 vs 68.0 us
+    (4096, 12288, 1, 'fp8', 'silu'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 20.5 vs 20.6 us
+    (5120, 2048, 1, 'fp8', 'norm'): GemvConfig('fma', 4, 2048, 1, 4, 1),  # 7.2 vs 7.6 us
+    (6144, 4096, 1, 'fp8', 'norm'): GemvConfig('fma', 8, 1024, 1, 2, 1),  # 12.0 vs 12.6 us
+}
 
 
 def weight_kind(dtype: torch.dtype) -> str:
@@ -154,9 +166,13 @@ def has_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> bool:
     return m <= GEMV_MAX_M and (n, k, m_bucket(m), weight_kind(weight_dtype)) in GEMV_CONFIGS
 
 
-def use_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Dispatch rule of the linear layers: a CUDA [M, K] input whose shape has a tuned config."""
-    return x.is_cuda and x.dim() == 2 and has_tuned_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+def use_gemv(x: torch.Tensor, w: torch.Tensor, mode: str = "plain") -> bool:
+    """Dispatch rule of the linear layers: a CUDA [M, K] input whose shape has a tuned config; a fused input
+    mode ("norm", "silu") also needs its `FUSED_GEMV_CONFIGS` entry (the fusion measured faster there)."""
+    m, (n, k) = x.shape[0], w.shape
+    if not (x.is_cuda and x.dim() == 2 and has_tuned_config(m, n, k, w.dtype)):
+        return False
+    return mode == "plain" or (n, k, m_bucket(m), weight_kind(w.dtype), mode) in FUSED_GEMV_CONFIGS
 
 
 def gemv_config(m: int, n: int, k: int, weight_dtype: torch.dtype, mode: str = "plain") -> GemvConfig:

@@ -71,13 +71,13 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, bias)
 
     def apply_silu_mul(self, layer: "LinearBase", gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if use_gemv(gate_up, layer.weight):
+        if use_gemv(gate_up, layer.weight, "silu"):
             return gemv(gate_up, layer.weight, bias=bias, silu_mul=True)
         return super().apply_silu_mul(layer, gate_up, bias)
 
     def apply_pre_norm(self, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if use_gemv(x, layer.weight):
+        if use_gemv(x, layer.weight, "norm"):
             return gemv_pre_norm(x, residual, norm, layer.weight, None, bias)
         return super().apply_pre_norm(layer, x, residual, norm, bias)
 

@@ -49,12 +49,12 @@ class Fp8LinearMethod(LinearMethod):
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.weight.dtype == FP8_DTYPE and use_gemv(gate_up, layer.weight):
+        if layer.weight.dtype == FP8_DTYPE and use_gemv(gate_up, layer.weight, "silu"):
             return gemv(gate_up, layer.weight, layer.weight_scale, bias, silu_mul=True)
         return super().apply_silu_mul(layer, gate_up, bias)
 
     def apply_pre_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer.weight.dtype == FP8_DTYPE and use_gemv(x, layer.weight):
+        if layer.weight.dtype == FP8_DTYPE and use_gemv(x, layer.weight, "norm"):
             return gemv_pre_norm(x, residual, norm, layer.weight, layer.weight_scale, bias)
         return super().apply_pre_norm(layer, x, residual, norm, bias)
