@@ -184,13 +184,16 @@ def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
         else:
             base = (fm.grouped_config(pairs, e, i, h, True, w13.dtype),
                     fm.grouped_config(pairs, e, h, i, False, w2.dtype))
-            bm = base[0].block_m
-            variants = [MoeTileConfig(bm, bn, bk, w, st, 8) for bn in (64, 128) for bk in (64, 128)
+            bms = (64, 128) if pairs / e > 96 else (base[0].block_m,)  # prefill-sized: row tiles vary too
+            variants = [MoeTileConfig(bm, bn, bk, w, st, 8) for bm in bms for bn in (64, 128) for bk in (64, 128)
                         for w, st in ((4, 3), (4, 4), (8, 3))]
         for gemm in (0, 1):
             results = []
             for cfg in variants:
-                configs = (cfg, base[1]) if gemm == 0 else (base[0], cfg)
+                other = base[1 - gemm]
+                if path == "grouped":  # both grouped GEMMs read one expert-aligned layout: one block_m
+                    other = dataclasses.replace(other, block_m=cfg.block_m)
+                configs = (cfg, other) if gemm == 0 else (other, cfg)
                 calls = [lambda w=w_, d=d_, c=configs, p=path: fm.fused_moe(x, w13, w2, w, d, s13, s2, path=p,
                                                                              configs=c)
                          for w_, d_ in routed]
