@@ -327,6 +327,18 @@ if HAS_TRITON:
             ssq = _add_row(ssq, sq[None, :], m, BLOCK_M)
         return acc, ssq
 
+    @triton.jit
+    def _fma_step(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile, M, K, k, k_stop,
+                  TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  CHUNK: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """One K tile of the fma kernel for its input mode (plain / SiLU-and-mul via `fma_tile`, or RMSNorm)."""
+        if NORM:
+            acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom,
+                                      tile, M, k, k_stop, TAIL, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+        else:
+            acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
+        return acc, ssq
+
     @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, g_ptr, r_out_ptr, M, N, K,
                          K_PER_SPLIT, SPLIT_K, stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
@@ -347,23 +359,13 @@ if HAS_TRITON:
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            if NORM:
-                acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
-                                          stride_rom, tile, M, k, k_stop, False, HAS_RES, BLOCK_M, BLOCK_N,
-                                          BLOCK_K, CHUNK)
-            else:
-                acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
-                               SILU_MUL, K)
+            acc, ssq = _fma_step(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile,
+                                 M, K, k, k_stop, False, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, NORM, HAS_RES)
         if not EVEN_K:  # the last split's ragged tile; masks would break vectorization inside the loop
             k = k_full + offs_k
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
-            if NORM:
-                acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
-                                          stride_rom, tile, M, k, k_stop, True, HAS_RES, BLOCK_M, BLOCK_N,
-                                          BLOCK_K, CHUNK)
-            else:
-                acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
-                               SILU_MUL, K)
+            acc, ssq = _fma_step(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile,
+                                 M, K, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, NORM, HAS_RES)
         sums = tl.sum(acc, axis=2)
         if NORM:  # one K split covers the whole row, so ssq is the row's full sum of squares
             sums = sums * tl.math.rsqrt(tl.sum(ssq, axis=1) / K + eps)[:, None]
