@@ -98,9 +98,13 @@ def eager_ms(fn: Callable[[], object]) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def paths_for(tokens: int, top_k: int) -> list[str]:
-    """Every path that takes this many tokens, the one auto dispatch picks first."""
-    paths = ["low_latency", "grouped"] if tokens * top_k <= fm.LOW_LATENCY_MAX_PAIRS else ["grouped"]
+def paths_for(tokens: int, shapes: dict, dtype: str) -> list[str]:
+    """Every path that takes this many tokens of this dtype, the one auto dispatch picks first (on sm90+)."""
+    pairs = tokens * shapes["top_k"]
+    paths = ["low_latency", "grouped"] if pairs <= fm.LOW_LATENCY_MAX_PAIRS else ["grouped"]
+    if pairs > fm.LOW_LATENCY_MAX_PAIRS and dtype == "bf16":
+        cutlass_first = pairs >= fm.CUTLASS_MIN_PAIRS_PER_EXPERT * shapes["num_experts"]
+        paths = ["cutlass", "grouped"] if cutlass_first else ["grouped", "cutlass"]
     gemv = ["gemv"] if tokens <= GEMV_BENCH_MAX_TOKENS else []
     return gemv + paths if tokens <= fm.GEMV_MAX_TOKENS else paths + gemv
 
@@ -112,7 +116,7 @@ def check(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     weights, ids = fm.route(logits, shapes["top_k"], shapes["renormalize"])
     w13, w2, s13, s2 = experts.args(dtype)
     rows = []
-    for path in paths_for(tokens, shapes["top_k"]):
+    for path in paths_for(tokens, shapes, dtype):
         ref = fm.fused_moe_ref(x, w13, w2, weights, ids, s13, s2, quantize_activations=path != "gemv").float()
         out = fm.fused_moe(x, w13, w2, weights, ids, s13, s2, path=path).float()
         rel = ((out - ref).norm() / ref.norm()).item()
@@ -145,8 +149,8 @@ def bench(experts: Experts, shapes: dict, tokens: int, dtype: str, peak_gbps: fl
         return run
 
     rows = []
-    auto = paths_for(tokens, k)[0]
-    for path in paths_for(tokens, k):
+    auto = paths_for(tokens, shapes, dtype)[0]
+    for path in paths_for(tokens, shapes, dtype):
         g = graph_ms([layer(gate, path) for gate in gates])
         eager = eager_ms(layer(gates[0], path))
         rows.append(dict(tokens=tokens, pairs=tokens * k, dtype=dtype, path=path, auto=path == auto,
@@ -170,7 +174,7 @@ def sweep(experts: Experts, shapes: dict, tokens: int, dtype: str, gen: torch.Ge
     w13, w2, s13, s2 = experts.args(dtype)
     pairs = tokens * k
     rows = []
-    for path in [p for p in paths_for(tokens, k) if p in paths]:
+    for path in [p for p in paths_for(tokens, shapes, dtype) if p in paths]:
         if path == "gemv":
             base = fm.gemv_configs(h, i, w13.dtype)
             per_warp = 512 // w13.element_size()

@@ -16,7 +16,11 @@ if not torch.cuda.is_available():
 
 from swiftlm.kernels import fused_moe as fm  # noqa: E402
 from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
+from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref  # noqa: E402
+from swiftlm.kernels.gemv import split_counters  # noqa: E402
+from swiftlm.kernels.moe_cutlass import sort_pairs  # noqa: E402
 from swiftlm.layers.moe import FusedMoE  # noqa: E402
+from swiftlm.layers.norm import RMSNorm  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -109,7 +113,6 @@ def test_gate_route_matches_gate_then_route(tokens: int, num_experts: int, top_k
                                             dtype: torch.dtype) -> None:
     """The fused decode kernel (gate GEMV + routing by the last program) equals F.linear + route_ref, and its
     counters are back at zero after each launch (two launches in a row give the same answer)."""
-    from swiftlm.kernels.gemv import split_counters
 
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
@@ -149,6 +152,31 @@ def test_gate_route_counts_only_real_tokens_and_falls_back_past_gemv_sizes(monke
     assert torch.equal(ids, want_i) and torch.allclose(weights, want_w, atol=1e-6)
     with pytest.raises(ValueError, match="gate weight"):
         fm.gate_route(x, gate.t(), 2, False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (3, 40), (fm.GATE_ROUTE_MAX_TOKENS, 64),
+                                           (fm.GATE_ROUTE_MAX_TOKENS + 1, 64)])
+def test_norm_gate_route_matches_add_norm_then_gate_route(tokens: int, hidden: int) -> None:
+    """Fused sizes (ragged H included) and the unfused fallback past them: the normalized input, the new
+    residual, the routing and the expert counts of add + RMSNorm followed by `gate_route`, in fp32."""
+    gen = torch.Generator().manual_seed(tokens)
+    hid, res = (torch.randn(tokens, hidden, generator=gen).to(DEVICE) for _ in range(2))
+    gamma = (torch.rand(hidden, generator=gen) + 0.5).to(DEVICE)
+    gate = (torch.randn(16, hidden, generator=gen) / 4).to(DEVICE)
+    counts = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    limit = torch.tensor([max(1, tokens - 1)], dtype=torch.int32, device=DEVICE)
+    x, new_res, weights, ids = fm.norm_gate_route(hid, res, gamma, 1e-6, gate, 4, True, counts, limit)
+    want_x, want_res = fused_add_rms_norm_ref(hid, res, gamma, 1e-6)
+    want_w, want_i = fm.route_ref(want_x @ gate.t(), 4, True)
+    torch.testing.assert_close(x, want_x, atol=1e-5, rtol=1e-5)
+    assert torch.equal(new_res, want_res)
+    assert torch.equal(ids, want_i)
+    torch.testing.assert_close(weights, want_w, atol=1e-5, rtol=1e-4)
+    assert torch.equal(counts, torch.bincount(ids[:int(limit[0])].flatten().long(), minlength=16))
+    assert split_counters(x.device, 1)[0] == 0
+    with pytest.raises(ValueError, match="residual"):
+        fm.norm_gate_route(hid, res[:, :8], gamma, 1e-6, gate, 4, True)
 
 
 # ---- alignment -----------------------------------------------------------------------------------------------
@@ -265,6 +293,56 @@ def test_grouped_matches_reference(tokens, num_experts, top_k, hidden, inter, ho
     _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
 
 
+CUTLASS_DTYPES = [torch.bfloat16] if CUDA else [torch.float32, torch.bfloat16]  # CUDA's grouped GEMM is bf16
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", CUTLASS_DTYPES)
+@pytest.mark.parametrize("tokens,num_experts,top_k,hot", [(1, 4, 2, None), (37, 8, 3, None),
+                                                          (40, 16, 4, [3, 9, 12, 14])])
+def test_cutlass_matches_reference(tokens, num_experts, top_k, hot, dtype) -> None:
+    """torch's grouped GEMM on expert-sorted rows, including experts with no rows (`hot` leaves 12 empty)."""
+    w13, w2 = experts(num_experts, 32, 16, dtype)
+    weights, ids = routing(tokens, num_experts, top_k, hot=hot)
+    x = activations(tokens, 32, dtype)
+    out = fm.fused_moe(x, w13, w2, weights, ids, path="cutlass")
+    _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
+
+
+def test_sort_pairs_groups_by_expert_in_pair_order() -> None:
+    ids = torch.tensor([[2, 0], [0, 3], [2, 1]], device=DEVICE)
+    order, position, ends = sort_pairs(ids, 5)
+    assert order.tolist() == [1, 2, 5, 0, 4, 3]
+    assert torch.equal(order[position], torch.arange(6, device=DEVICE))
+    assert ends.tolist() == [2, 3, 5, 6, 6] and ends.dtype == torch.int32
+
+
+@needs_kernels
+def test_auto_path_takes_cutlass_from_its_pairs_per_expert(monkeypatch) -> None:
+    """Where CUTLASS is supported, auto dispatch switches from grouped to cutlass at exactly
+    CUTLASS_MIN_PAIRS_PER_EXPERT mean pairs per expert."""
+
+    class Grouped(Exception):
+        pass
+
+    def no_align(*args):
+        raise Grouped
+
+    calls: list[int] = []
+    monkeypatch.setattr(fm, "cutlass_moe_supported", lambda *a: True)
+    monkeypatch.setattr(fm, "cutlass_moe", lambda x, *a: calls.append(x.shape[0]) or torch.zeros_like(x))
+    monkeypatch.setattr(fm, "align_tokens", no_align)
+    num_experts, top_k = 4, 2
+    w13, w2 = experts(num_experts, 16, 8, torch.float32)
+    tokens = fm.CUTLASS_MIN_PAIRS_PER_EXPERT * num_experts // top_k
+    weights, ids = routing(tokens, num_experts, top_k)
+    x = activations(tokens, 16, torch.float32)
+    fm.fused_moe(x, w13, w2, weights, ids)
+    assert calls == [tokens]
+    with pytest.raises(Grouped):
+        fm.fused_moe(x[1:], w13, w2, weights[1:], ids[1:])
+
+
 @needs_kernels
 def test_expert_with_more_tokens_than_a_block_runs_in_chunks() -> None:
     """Top-1 routing with 40 tokens on expert 2 and 8 on expert 5: expert 2's leader loops over 16+16+8 rows."""
@@ -331,6 +409,11 @@ def test_bad_inputs_and_empty_batch() -> None:
                      configs=(fm.MoeGemvConfig(3, 32), fm.MoeGemvConfig(4, 32)))
     with pytest.raises(ValueError, match="path"):
         fm.fused_moe(x, w13, w2, weights, ids, path="fast")
+    with pytest.raises(ValueError, match="cutlass"):
+        fm.fused_moe(x, w13, w2, weights, ids, path="cutlass", configs=(SMALL, SMALL))
+    with pytest.raises(ValueError, match="cutlass"):
+        fm.fused_moe(x.bfloat16(), w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), weights, ids,
+                     torch.ones(4, 16, 1, device=DEVICE), torch.ones(4, 16, 1, device=DEVICE), path="cutlass")
     empty = fm.fused_moe(x[:0], w13, w2, weights[:0], ids[:0])
     assert empty.shape == (0, 16)
 
@@ -438,6 +521,26 @@ def test_layer_forward_and_expert_stats(tokens: int) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_layer_forward_pre_norm_equals_norm_then_forward(tokens: int) -> None:
+    """The sparse block's entry (norm inside the gate launch at 3 tokens, unfused at 40; the first layer's
+    residual-free form) against RMSNorm then `forward`."""
+    layer = FusedMoE(8, 2, 32, 16, torch.float32).to(DEVICE)
+    _load(layer, _checkpoint_experts(8, 32, 16))
+    norm = RMSNorm(32, 1e-6, torch.float32).to(DEVICE)
+    norm.weight.data.uniform_(0.5, 1.5, generator=torch.Generator(DEVICE).manual_seed(2))
+    hidden, residual = activations(tokens, 32, torch.float32), activations(tokens, 32, torch.float32, seed=5)
+    gate = torch.randn(8, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out, new_residual = layer.forward_pre_norm(hidden, residual, norm, gate)
+    x, want_residual = norm.pre_norm(hidden, residual)
+    torch.testing.assert_close(out, layer(x, gate), atol=1e-5, rtol=1e-5)
+    assert torch.equal(new_residual, want_residual)
+    out, same = layer.forward_pre_norm(hidden, None, norm, gate)
+    torch.testing.assert_close(out, layer(norm(hidden), gate), atol=1e-5, rtol=1e-5)
+    assert same is hidden
+
+
+@needs_kernels
 def test_layer_online_fp8() -> None:
     layer = FusedMoE(8, 2, 64, 32, torch.bfloat16, quant="fp8").to(DEVICE)
     _load(layer, _checkpoint_experts(8, 64, 32))
@@ -457,10 +560,11 @@ def test_layer_online_fp8() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tokens", [4, 48])
+@pytest.mark.parametrize("tokens", [4, 48, 512])
 def test_cuda_graph_replay_without_host_sync(tokens: int) -> None:
-    """Routing from the gate (fused at 4 tokens) and the experts (GEMV path at 4 tokens, grouped at 48) capture
-    in a CUDA graph (no syncs: sync debug mode errors on one) and replay on new inputs like eager runs."""
+    """Routing from the gate (fused at 4 tokens) and the experts (GEMV path at 4 tokens, grouped at 48, cutlass
+    at 512: 128 pairs per expert) capture in a CUDA graph (no syncs: sync debug mode errors on one) and replay on
+    new inputs like eager runs."""
     w13, w2 = experts(16, 256, 128, torch.bfloat16)
     x = activations(tokens, 256, torch.bfloat16)
     gate = (torch.randn(16, 256, device=DEVICE) / 16).to(torch.bfloat16)

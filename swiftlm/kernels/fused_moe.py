@@ -7,7 +7,7 @@ Weights are stacked per expert and row-major in the reduction dim: `w13 [E, 2I, 
           -> GEMM2: . @ w2[e].T scaled by the routing weight in the epilogue          -> [T, k, H]
           -> sum over the k slots of each token                                      -> [T, H]
 
-A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Three ways to run the GEMMs:
+A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Four ways to run the GEMMs:
 
 * GEMV (at most `GEMV_MAX_TOKENS` tokens, i.e. small-batch decode): CUDA-core dot products, no tensor cores, the
   dense decode GEMV's design (`kernels/gemv.py`). GEMM1 runs on grid (pair, N tile), each program streaming the
@@ -23,6 +23,7 @@ A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Three wa
   MoE layer is route + two GEMMs + sum, and the grid depends only on shapes (CUDA-graph safe).
 * grouped (prefill and large batches): `align_tokens` sorts the pairs by expert and pads each expert's run to
   BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N tensor-core tile.
+* cutlass (prefill-sized, bf16 on sm90+): torch's CUTLASS grouped GEMM, `swiftlm.kernels.moe_cutlass`.
 
 On the two tensor-core paths the top-k sum is a separate reduce over a `[T, k, H]` buffer rather than atomics into an fp32 output: it is
 deterministic (same bits run to run and whatever else shares the batch), needs no zero-fill or fp32 -> dtype cast
@@ -43,17 +44,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from swiftlm.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_ref
 from swiftlm.kernels.gemv import split_counters
+from swiftlm.kernels.moe_cutlass import cutlass_moe, cutlass_moe_supported
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from swiftlm.kernels.gemv import fma_tile
+    from swiftlm.kernels.gemv import fma_tile, fma_tile_norm
     from swiftlm.kernels.triton_support import swizzled_tile
 
 __all__ = [
+    "CUTLASS_MIN_PAIRS_PER_EXPERT",
     "GATE_ROUTE_MAX_TOKENS",
     "GEMV_MAX_TOKENS",
     "LOW_LATENCY_MAX_PAIRS",
@@ -66,6 +70,7 @@ __all__ = [
     "gemv_configs",
     "grouped_config",
     "low_latency_config",
+    "norm_gate_route",
     "route",
     "route_ref",
 ]
@@ -78,6 +83,8 @@ GEMV_MAX_TOKENS = 16
 GATE_ROUTE_MAX_TOKENS = 8
 # Pairs (T * top_k) up to which the low-latency path runs; also the width of the pair scan in its kernel.
 LOW_LATENCY_MAX_PAIRS = 64
+# Mean pairs per expert from which auto dispatch hands 16-bit experts to torch's CUTLASS grouped GEMM.
+CUTLASS_MIN_PAIRS_PER_EXPERT = 32
 FP8_DTYPE = torch.float8_e4m3fn
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used off-GPU (interpreter) so tile choices match the GPU.
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program; H100 has 227 KB, leave room for the epilogue
@@ -157,22 +164,64 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
     and the routing kernel's (together ~10 us per layer of a batch-1 Qwen3-30B-A3B step on an H100, for 0.5 MB
     of gate weight). The logits are rounded to x's dtype first, as the unfused gate linear's output is.
     """
+    _check_gate(x, gate_weight, top_k, expert_counts)
+    if not (can_use_triton(x) and 0 < x.shape[0] <= GATE_ROUTE_MAX_TOKENS):
+        return route(F.linear(x, gate_weight), top_k, renormalize, expert_counts, count_limit)
+    return _launch_gate_route(x, gate_weight, top_k, renormalize, expert_counts, count_limit)
+
+
+def norm_gate_route(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+                    expert_counts: torch.Tensor | None = None, count_limit: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse block's input: (x, hidden + residual, weights, ids) with x = RMSNorm(hidden + residual) and
+    (weights, ids) = `gate_route(x, ...)`.
+
+    At `gate_route`'s fused sizes the norm runs inside its launch too, as the dense GEMV's norm mode does: each
+    program normalizes as it loads (the row's 1/rms scales its finished sums) and program 0 also writes the new
+    residual and x for the experts, saving the add + RMSNorm kernel (~2 us per layer at batch 1). The gate then
+    sees x unrounded (fp32), where the unfused path rounds it to x's dtype first.
+    """
+    _check_gate(hidden, gate_weight, top_k, expert_counts)
+    if residual.shape != hidden.shape or norm_weight.shape != (hidden.shape[1],):
+        raise ValueError(f"residual {tuple(residual.shape)} and norm weight {tuple(norm_weight.shape)} do not match "
+                         f"hidden {tuple(hidden.shape)}")
+    if not (can_use_triton(hidden) and 0 < hidden.shape[0] <= GATE_ROUTE_MAX_TOKENS):
+        add_norm = fused_add_rms_norm if can_use_triton(hidden) else fused_add_rms_norm_ref
+        x, new_residual = add_norm(hidden, residual, norm_weight, eps)
+        return (x, new_residual, *gate_route(x, gate_weight, top_k, renormalize, expert_counts, count_limit))
+    if residual.stride(1) != 1 or norm_weight.stride(0) != 1:
+        raise ValueError("norm_gate_route operands must be contiguous along H")
+    x, new_residual = torch.empty_like(hidden), torch.empty_like(residual)
+    weights, ids = _launch_gate_route(hidden, gate_weight, top_k, renormalize, expert_counts, count_limit,
+                                      norm=(residual, norm_weight, eps, new_residual, x))
+    return x, new_residual, weights, ids
+
+
+def _check_gate(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, expert_counts: torch.Tensor | None) -> None:
     if gate_weight.dim() != 2 or x.dim() != 2 or gate_weight.shape[1] != x.shape[1] or gate_weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and gate weight {tuple(gate_weight.shape)} "
                          f"{gate_weight.dtype} must be [T, H] and [E, H] of one dtype")
-    num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
-    if not (can_use_triton(x) and 0 < num_tokens <= GATE_ROUTE_MAX_TOKENS):
-        return route(F.linear(x, gate_weight), top_k, renormalize, expert_counts, count_limit)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):
         raise ValueError(f"expert_counts must be [{num_experts}] int64")
+
+
+def _launch_gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+                       expert_counts: torch.Tensor | None, count_limit: torch.Tensor | None,
+                       norm: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused gate + route launch; `norm` = (residual, norm weight, eps, new residual out, x out)."""
     if x.stride(1) != 1 or gate_weight.stride(1) != 1:
         raise ValueError("gate_route operands must be contiguous along H")
+    num_tokens, hidden = x.shape
+    num_experts = gate_weight.shape[0]
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
     logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    residual, norm_weight, eps, residual_out, normed = norm if norm is not None else (x, x, 0.0, x, x)
     block_n = 2  # 64 programs stream Qwen3-MoE's 128-expert gate
     per_warp = 32 * 16 // x.element_size()
     block_k = max(32, min(per_warp * 4, _pow2_at_least(hidden)))
@@ -180,10 +229,12 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
         x, gate_weight, logits, split_counters(x.device, 1), weights, ids,  # the GEMV's counters: launches on
         # one stream each leave their slots at zero
         weights if expert_counts is None else expert_counts, ids if count_limit is None else count_limit,
-        num_tokens, num_experts, x.stride(0), gate_weight.stride(0), K=hidden, TOP_K=top_k,
+        residual, norm_weight, residual_out, normed, num_tokens, num_experts, x.stride(0), gate_weight.stride(0),
+        residual.stride(0), residual_out.stride(0), normed.stride(0), eps, K=hidden, TOP_K=top_k,
         TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize, COUNT=expert_counts is not None,
-        HAS_LIMIT=count_limit is not None, BLOCK_T=_pow2_at_least(num_tokens), BLOCK_N=block_n, BLOCK_K=block_k,
-        CHUNK=min(16 // x.element_size(), block_k), E_PAD=_pow2_at_least(num_experts), num_warps=4)
+        HAS_LIMIT=count_limit is not None, NORM=norm is not None, BLOCK_T=_pow2_at_least(num_tokens),
+        BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=min(16 // x.element_size(), block_k),
+        E_PAD=_pow2_at_least(num_experts), num_warps=4)
     return weights, ids
 
 
@@ -388,8 +439,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               ) -> torch.Tensor:
     """Mixture-of-experts FFN: x `[T, H]` -> `[T, H]` in x's dtype.
 
-    `path`: "auto" (GEMV when `T <= GEMV_MAX_TOKENS`, low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, else
-    grouped), "gemv", "low_latency" or "grouped". `configs` overrides the (GEMM1, GEMM2) tiles (tests, benchmark
+    `path`: "auto" (GEMV when `T <= GEMV_MAX_TOKENS`, low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, cutlass
+    from `CUTLASS_MIN_PAIRS_PER_EXPERT` pairs per expert where `cutlass_moe_supported`, else grouped), "gemv",
+    "low_latency", "grouped" or "cutlass" (`swiftlm.kernels.moe_cutlass`). `configs` overrides the (GEMM1, GEMM2) tiles (tests, benchmark
     sweeps): `MoeGemvConfig`s for "gemv", `MoeTileConfig`s otherwise. Capturable in a CUDA graph: no host syncs,
     and every launch's grid depends only on shapes.
     """
@@ -401,9 +453,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_pairs = num_tokens * top_k
     if path == "auto":
         path = ("gemv" if num_tokens <= GEMV_MAX_TOKENS else
-                "low_latency" if num_pairs <= LOW_LATENCY_MAX_PAIRS else "grouped")
-    if path not in ("gemv", "low_latency", "grouped"):
-        raise ValueError(f"path must be auto, gemv, low_latency or grouped, got {path!r}")
+                "low_latency" if num_pairs <= LOW_LATENCY_MAX_PAIRS else
+                "cutlass" if (num_pairs >= CUTLASS_MIN_PAIRS_PER_EXPERT * num_experts
+                              and cutlass_moe_supported(x, w13, w2)) else "grouped")
+    if path not in ("gemv", "low_latency", "grouped", "cutlass"):
+        raise ValueError(f"path must be auto, gemv, low_latency, grouped or cutlass, got {path!r}")
+    if path == "cutlass":
+        if configs is not None or w13.dtype == FP8_DTYPE:
+            raise ValueError("the cutlass path takes 16-bit experts and no tile configs")
+        return cutlass_moe(x, w13, w2, topk_weights, topk_ids) if num_pairs else torch.zeros_like(x)
     if path == "low_latency" and num_pairs > LOW_LATENCY_MAX_PAIRS:
         raise ValueError(f"the low-latency path takes at most {LOW_LATENCY_MAX_PAIRS} pairs, got {num_pairs}")
     config_type = MoeGemvConfig if path == "gemv" else MoeTileConfig
@@ -569,28 +627,49 @@ if HAS_TRITON:
                     RENORMALIZE, COUNT, HAS_LIMIT, BLOCK_T, BLOCK_E)
 
     @triton.jit
-    def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E,
-                           stride_xm, stride_wn, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+    def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr,
+                           r_ptr, g_ptr, r_out_ptr, normed_ptr, T, E, stride_xm, stride_wn, stride_rm, stride_rom,
+                           stride_nm, eps, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                            RENORMALIZE: tl.constexpr, COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            CHUNK: tl.constexpr, E_PAD: tl.constexpr):
         """Program: BLOCK_N gate rows -> logits `[T, BLOCK_N]` (CUDA-core GEMV, rounded to x's dtype as a linear
         layer's output is) parked in the fp32 workspace `[T, E]`; the last program to arrive (an atomic counter,
-        reset for the next launch) routes all T tokens from the workspace."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        reset for the next launch) routes all T tokens from the workspace. NORM: the input is
+        RMSNorm(x + residual), applied as it loads; program 0 writes x + residual and the normalized rows."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_rows = w_ptr + (offs_n % E).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
+        ssq = tl.zeros([BLOCK_T, BLOCK_K // CHUNK], tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            if k0 + BLOCK_K <= K:
-                w = tl.load(w_rows + k[None, :])
-                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, False, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
-            else:
+            tail: tl.constexpr = k0 + BLOCK_K > K
+            if tail:
                 w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0)
-                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, True, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+            else:
+                w = tl.load(w_rows + k[None, :])
+            if NORM:
+                acc, ssq = fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
+                                          stride_rom, pid, T, k, K, tail, True, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+            else:
+                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, tail, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
         rows = tl.arange(0, BLOCK_T)
         row_mask = rows < T
-        logits = tl.sum(acc, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)
+        sums = tl.sum(acc, axis=2)
+        if NORM:
+            inv_rms = tl.rsqrt(tl.sum(ssq, axis=1) / K + eps)
+            sums = sums * inv_rms[:, None]
+            if pid == 0:
+                for k0 in tl.static_range(0, K, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    mask = row_mask[:, None] & (k[None, :] < K)
+                    s = (tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=mask, other=0.0).to(tl.float32)
+                         + tl.load(r_ptr + rows[:, None] * stride_rm + k[None, :], mask=mask, other=0.0).to(tl.float32))
+                    gamma = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                    tl.store(normed_ptr + rows[:, None] * stride_nm + k[None, :],
+                             (s * inv_rms[:, None] * gamma[None, :]).to(normed_ptr.dtype.element_ty), mask=mask)
+        logits = sums.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(ws_ptr + rows[:, None] * E + offs_n[None, :], logits,
                  mask=row_mask[:, None] & (offs_n[None, :] < E))
         tl.debug_barrier()  # every thread's logits are written before the (releasing) arrival below

@@ -310,7 +310,7 @@ if HAS_TRITON:
         return s, s * tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile, M,
+    def fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile, M,
                        k, k_stop, TAIL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         """`fma_tile` on RMSNorm inputs (`_load_norm_x`); also adds each row's s^2 chunk sums to ssq
@@ -333,7 +333,7 @@ if HAS_TRITON:
                   CHUNK: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
         """One K tile of the fma kernel for its input mode (plain / SiLU-and-mul via `fma_tile`, or RMSNorm)."""
         if NORM:
-            acc, ssq = _fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom,
+            acc, ssq = fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom,
                                       tile, M, k, k_stop, TAIL, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
         else:
             acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swiftlm.kernels.fused_moe import FP8_DTYPE, fused_moe, gate_route
+from swiftlm.kernels.fused_moe import FP8_DTYPE, fused_moe, gate_route, norm_gate_route
 from swiftlm.layers.attention import current_forward_context
 from swiftlm.layers.linear import set_weight_attrs
+from swiftlm.layers.norm import RMSNorm
 
 SHARDS = ("gate", "up", "down")
 
@@ -131,11 +132,25 @@ class FusedMoE(nn.Module):
         if self.expert_counts is not None:
             self.expert_counts.zero_()
 
+    def _count_limit(self) -> torch.Tensor | None:
+        if self.expert_counts is None:
+            return None
+        meta = current_forward_context()
+        return meta.num_real_tokens if meta is not None else None
+
     def forward(self, hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-        limit = None
-        if self.expert_counts is not None:
-            meta = current_forward_context()
-            limit = meta.num_real_tokens if meta is not None else None
-        weights, ids = gate_route(hidden, gate_weight, self.top_k, self.renormalize, self.expert_counts, limit)
+        weights, ids = gate_route(hidden, gate_weight, self.top_k, self.renormalize, self.expert_counts,
+                                  self._count_limit())
         return fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale)
+
+    def forward_pre_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                         gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts(norm(hidden + residual)), hidden + residual); the norm runs inside the gate's launch where
+        that is fused (`norm_gate_route`)."""
+        if residual is None:
+            x, residual = norm.pre_norm(hidden, None)
+            return self(x, gate_weight), residual
+        x, residual, weights, ids = norm_gate_route(hidden, residual, norm.weight, norm.eps, gate_weight, self.top_k,
+                                                    self.renormalize, self.expert_counts, self._count_limit())
+        return fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale), residual
 

@@ -80,8 +80,7 @@ class Qwen3MoeSparseBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts of norm(hidden + residual) (the dense MLP's interface); returns (output, hidden + residual)."""
-        hidden, residual = norm.pre_norm(hidden, residual)
-        return self.experts(hidden, self.gate.weight), residual
+        return self.experts.forward_pre_norm(hidden, residual, norm, self.gate.weight)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

@@ -1,0 +1,94 @@
+"""Prefill-sized MoE on torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper and Blackwell).
+
+At prefill sizes each expert sees hundreds of rows and the MoE layer is compute-bound. There the two expert
+GEMMs run faster in CUTLASS than in the Triton grouped kernel (H100, Qwen3-30B-A3B shapes, T=8000: 1123 us for
+both GEMMs, 538 TFLOP/s, against 1729 us for the whole Triton layer; `benchmarks/bench_moe_grouped_mm.py`), enough
+to pay for what CUTLASS cannot fuse: rows gathered into expert order first, SiLU-and-mul between the GEMMs, and
+a weighted combine after. A forward is
+    sort the T*k (token, slot) pairs by expert (stable) -> gather x rows in that order      -> [T*k, H]
+    GEMM1 (per-expert row groups, w13[e].T)              -> SiLU(gate) * up                  -> [T*k, I]
+    GEMM2 (w2[e].T)                                      -> per token: sum_k weight * row    -> [T, H]
+Nothing here syncs with the host: group ends are a device cumsum. The combine sums each token's k rows in fp32
+in slot order, so a token's output does not depend on the rest of the batch. 16-bit weights only (torch's
+grouped GEMM is bf16 on CUDA); FP8 experts keep the Triton paths.
+"""
+from __future__ import annotations
+
+import torch
+
+from swiftlm.kernels.activation import silu_and_mul
+from swiftlm.kernels.triton_support import HAS_TRITON, can_use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["cutlass_moe", "cutlass_moe_supported"]
+
+_COMBINE_BLOCK = 1024
+
+
+def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether `cutlass_moe` runs these operands on a GPU: bf16 activations and experts on sm90+, with the
+    16-byte-aligned rows CUTLASS needs."""
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and HAS_TRITON):
+        return False
+    if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return w13.shape[2] % 8 == 0 and w2.shape[2] % 8 == 0
+
+
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, position, group_ends): `order [T*k]` pair indices (`t * k + slot`) grouped by expert in pair
+    order; `position` its inverse (where each pair's row lands); `group_ends [E]` int32 cumulative row counts."""
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    position = torch.empty_like(order)
+    position.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, position, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def cutlass_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+    """x `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H, I]`, routing `[T, k]` -> `[T, H]` in x's dtype.
+
+    Operands are `fused_moe`'s, already checked there. Runs wherever `torch._grouped_mm` takes the dtype (also
+    CPU, for tests); the combine is a Triton kernel, or PyTorch where Triton cannot run."""
+    num_tokens, top_k = topk_ids.shape
+    order, position, group_ends = sort_pairs(topk_ids, w13.shape[0])
+    rows = x.index_select(0, order // top_k)
+    act = silu_and_mul(torch._grouped_mm(rows, w13.transpose(1, 2), offs=group_ends))
+    expert_out = torch._grouped_mm(act, w2.transpose(1, 2), offs=group_ends)
+    weights = topk_weights.to(torch.float32).contiguous()
+    if not can_use_triton(x):
+        picked = expert_out.index_select(0, position).view(num_tokens, top_k, -1).float()
+        return (picked * weights[..., None]).sum(1).to(x.dtype)
+    out = torch.empty_like(x)
+    hidden = x.shape[1]
+    block = min(_COMBINE_BLOCK, triton.next_power_of_2(hidden))
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        expert_out, position, weights, out, hidden, expert_out.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block,
+        num_warps=4)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _combine_kernel(rows_ptr, position_ptr, weights_ptr, out_ptr, H, stride_r, stride_o,
+                        TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (token, column block): out[t] = sum over slots of weight[t, slot] * rows[position[t, slot]],
+        in fp32, slots in order."""
+        token = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < H
+        acc = tl.zeros([BLOCK], tl.float32)
+        for slot in tl.static_range(TOP_K):
+            row = tl.load(position_ptr + token * TOP_K + slot)
+            weight = tl.load(weights_ptr + token * TOP_K + slot)
+            acc += weight * tl.load(rows_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
