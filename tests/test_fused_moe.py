@@ -155,11 +155,11 @@ def test_gate_route_counts_only_real_tokens_and_falls_back_past_gemv_sizes(monke
 
 
 @needs_kernels
-@pytest.mark.parametrize("tokens,hidden", [(1, 64), (3, 40), (fm.GATE_ROUTE_MAX_TOKENS, 64),
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (3, 40), (2, 1100), (fm.GATE_ROUTE_MAX_TOKENS, 64),
                                            (fm.GATE_ROUTE_MAX_TOKENS + 1, 64)])
 def test_norm_gate_route_matches_add_norm_then_gate_route(tokens: int, hidden: int) -> None:
-    """Fused sizes (ragged H included) and the unfused fallback past them: the normalized input, the new
-    residual, the routing and the expert counts of add + RMSNorm followed by `gate_route`, in fp32."""
+    """Fused sizes (ragged H, several K tiles at 1100) and the unfused fallback past them: the normalized input,
+    the new residual, the routing and the expert counts of add + RMSNorm followed by `gate_route`, in fp32."""
     gen = torch.Generator().manual_seed(tokens)
     hid, res = (torch.randn(tokens, hidden, generator=gen).to(DEVICE) for _ in range(2))
     gamma = (torch.rand(hidden, generator=gen) + 0.5).to(DEVICE)

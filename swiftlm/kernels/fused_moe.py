@@ -627,6 +627,18 @@ if HAS_TRITON:
                     RENORMALIZE, COUNT, HAS_LIMIT, BLOCK_T, BLOCK_E)
 
     @triton.jit
+    def _gate_step(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, pid, T, k, K,
+                   TAIL: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        """One K tile of the gate GEMV: plain input, or RMSNorm(x + residual) as it loads."""
+        if NORM:
+            acc, ssq = fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom,
+                                     pid, T, k, K, TAIL, True, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+        else:
+            acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, TAIL, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+        return acc, ssq
+
+    @triton.jit
     def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr,
                            r_ptr, g_ptr, r_out_ptr, normed_ptr, T, E, stride_xm, stride_wn, stride_rm, stride_rom,
                            stride_nm, eps, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
@@ -644,16 +656,14 @@ if HAS_TRITON:
         ssq = tl.zeros([BLOCK_T, BLOCK_K // CHUNK], tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            tail: tl.constexpr = k0 + BLOCK_K > K
-            if tail:
-                w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0)
+            if k0 + BLOCK_K <= K:
+                acc, ssq = _gate_step(acc, ssq, tl.load(w_rows + k[None, :]), x_ptr, r_ptr, g_ptr, r_out_ptr,
+                                      stride_xm, stride_rm, stride_rom, pid, T, k, K, False, NORM, BLOCK_T, BLOCK_N,
+                                      BLOCK_K, CHUNK)
             else:
-                w = tl.load(w_rows + k[None, :])
-            if NORM:
-                acc, ssq = fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm,
-                                          stride_rom, pid, T, k, K, tail, True, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
-            else:
-                acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, tail, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+                acc, ssq = _gate_step(acc, ssq, tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0), x_ptr,
+                                      r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, pid, T, k, K, True,
+                                      NORM, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
         rows = tl.arange(0, BLOCK_T)
         row_mask = rows < T
         sums = tl.sum(acc, axis=2)
