@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from swiftlm.kernels import attention as attn  # noqa: E402
-from swiftlm.kernels.gemv import split_counters  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -153,19 +152,6 @@ def test_decode_matches_ref_and_sdpa(group: int, dtype: torch.dtype, num_splits:
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, attn.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.25), dtype)
     assert_close(out, dense_decode(q, kc, vc, bt, lens, 0.25), dtype)
-
-
-@needs_kernels
-def test_decode_split_merge_leaves_its_counters_at_zero() -> None:
-    """The last split to finish merges and resets its (sequence, kv head) counter, so repeated launches (graph
-    replays) and a GEMV sharing the counters start from zero; a stale count would skip or repeat a merge."""
-    q, kc, vc, bt, lens = decode_case([40, 77, 5], 2, 4, 32, 16, torch.float32)
-    counters = split_counters(torch.device(DEVICE), 3 * 2)
-    first = attn.paged_decode_attention(q, kc, vc, bt, lens, 0.25, num_splits=3, block_n=16)
-    assert int(counters.abs().sum()) == 0
-    again = attn.paged_decode_attention(q, kc, vc, bt, lens, 0.25, num_splits=3, block_n=16)
-    assert torch.equal(first, again)
-    assert_close(first, attn.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.25), torch.float32)
 
 
 @needs_kernels

@@ -17,7 +17,6 @@ import functools
 
 import torch
 
-from swiftlm.kernels.gemv import split_counters
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
 
 if HAS_TRITON:
@@ -37,7 +36,7 @@ _LOG2E = 1.4426950408889634
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Split-K heuristic: aim for about two programs per SM, but give each split at least this many tokens of
-# context capacity and never more than _MAX_SPLITS splits (past that, the merge's serial walk over them costs more).
+# context capacity and never more than _MAX_SPLITS splits (the merge kernel holds all splits in registers).
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when not on CUDA (interpreter) so choices match the GPU.
@@ -152,23 +151,21 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr, final_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
         qk_scale, v_scale,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_btb,
         stride_ob, stride_oh, stride_os,
-        stride_lb, stride_lh, stride_fb, stride_fh, num_splits,
+        stride_lb, stride_lh, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
-        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf). Unless DIRECT (one
-        split), the last split of a (sequence, kv head) to finish merges all of them into `final` (an atomic
-        counter per pair, reset for the next launch): no second kernel launch."""
+        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -219,36 +216,29 @@ if HAS_TRITON:
             tl.store(o_ptrs + split * stride_os, o, mask=g_mask[:, None])
             # Empty split: m_i = -inf and l_safe = 1, so lse = -inf and the merge gives it zero weight.
             tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
-            tl.debug_barrier()  # every thread's partial is written before the (releasing) arrival below
-            counter = cnt_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                _merge_splits(out_ptr, lse_ptr, final_ptr, b, heads, g_mask, offs_d, stride_ob, stride_oh,
-                              stride_os, stride_lb, stride_lh, stride_fb, stride_fh, num_splits, GROUP_PAD,
-                              HEAD_DIM)
-                tl.store(counter, 0)
 
-    @triton.jit
-    def _merge_splits(part_ptr, lse_ptr, final_ptr, b, heads, g_mask, offs_d, stride_pb, stride_ph, stride_ps,
-                      stride_lb, stride_lh, stride_fb, stride_fh, num_splits, GROUP_PAD: tl.constexpr,
-                      HEAD_DIM: tl.constexpr):
-        """Combine one (sequence, kv head)'s split partials by their log2-sum-exp weights; all-empty -> 0.
-        Loads bypass L1 (.cg): other programs wrote the partials."""
-        lse_row = lse_ptr + b * stride_lb + heads * stride_lh
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        for s in range(num_splits):
-            m = tl.maximum(m, tl.load(lse_row + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
-        m = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        part_rows = part_ptr + b * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
-        for s in range(num_splits):
-            w = tl.exp2(tl.load(lse_row + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m)
-            denom += w
-            acc += w[:, None] * tl.load(part_rows + s * stride_ps, mask=g_mask[:, None], other=0.0,
-                                        cache_modifier=".cg")
-        o = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-        tl.store(final_ptr + b * stride_fb + heads[:, None] * stride_fh + offs_d[None, :],
-                 o.to(final_ptr.dtype.element_ty), mask=g_mask[:, None])
+    @triton.jit(do_not_specialize=["num_splits"])
+    def _decode_merge_kernel(
+        part_ptr, lse_ptr, out_ptr,
+        stride_pb, stride_ph, stride_ps,
+        stride_lb, stride_lh,
+        stride_ob, stride_oh, num_splits,
+        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_mask = offs_s < num_splits
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        denom = tl.sum(w, 0)
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _prefill_tile(
@@ -434,18 +424,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     grid = (batch, num_kv_heads, num_splits)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     if num_splits == 1:
-        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, out, qk_scale,
-                                   v_mult, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
-                                   0, 0, 0, 0, 0, 1, DIRECT=True, **common)
+        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
+                                   q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,
+                                   0, 0, 1, DIRECT=True, **common)
         return out
     partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    # The GEMV's counters: launches on one stream each leave their slots at zero.
-    counters = split_counters(q.device, batch * num_kv_heads)
-    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, out, counters, qk_scale,
-                               v_mult, q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
-                               lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), num_splits,
-                               DIRECT=False, **common)
+    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, qk_scale, v_mult,
+                               q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
+                               lse.stride(0), lse.stride(1), num_splits, DIRECT=False, **common)
+    _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+                                             out.stride(0), out.stride(1), num_splits,
+                                             SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+                                             HEAD_DIM=head_dim,
+                                             num_warps=4)
     return out
 
 
