@@ -1,7 +1,8 @@
-"""Where a step's time goes, for batch-1 decode, a 512-token prefill and the offline throughput workload.
+"""Where a step's time goes, for batch-1 decode, 512- and 8000-token prefills and the offline throughput workload.
 
 Times engine phases (schedule / model runner / output processing) by wrapping them, and the GPU time of
-one bs=1 decode graph replay with CUDA events, then prints a torch.profiler table per case.
+one bs=1 decode graph replay with CUDA events, then prints a torch.profiler table per case (GPU kernels for the
+decode graph and the 8000-token prefill, host and GPU for the 512-token one).
 
     PYTHONPATH=$PWD python benchmarks/profile_engine.py --model benchmarks/models/qwen3-8b
 """
@@ -87,6 +88,12 @@ def main() -> None:
             engine.step()
             wall = (time.perf_counter() - t) * 1e3
         print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
+    engine.add_request("p8000", ids(8000), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    print("prefill 8000, GPU kernels:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     engine.add_request("p", ids(512), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()
