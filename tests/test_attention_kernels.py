@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from swiftlm.kernels import attention as attn  # noqa: E402
+from swiftlm.layers.attention import fresh_prefill_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -136,6 +137,27 @@ def test_prefill_ref_matches_dense_sdpa(group: int) -> None:
     q, kc, vc, bt, cu, lens, mq = prefill_case([(7, 7), (5, 30), (0, 4), (1, 9)], 2, group, 32, 8, torch.float32)
     ref = attn.paged_prefill_attention_ref(q, kc, vc, bt, cu, lens, 0.3, mq)
     torch.testing.assert_close(ref, dense_prefill(q, kc, vc, bt, cu, lens, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_fresh_prefill_attention_matches_repeated_kv_sdpa(group: int) -> None:
+    """The stride-0 GQA layout gives per-sequence causal attention over repeated k/v heads, token-major."""
+    gen = torch.Generator().manual_seed(group)
+    lens = [5, 1, 9]
+    q = torch.randn(sum(lens), 2 * group, 32, generator=gen).to(DEVICE)
+    k, v = (torch.randn(sum(lens), 2, 32, generator=gen).to(DEVICE) for _ in range(2))
+    got = fresh_prefill_attention(q, k, v, lens, 0.3)
+    assert got.shape == q.shape
+    start = 0
+    for n in lens:
+        part = slice(start, start + n)
+        kr, vr = (t[part].repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+        want = F.scaled_dot_product_attention(q[part].transpose(0, 1), kr, vr, is_causal=True,
+                                              scale=0.3).transpose(0, 1)
+        torch.testing.assert_close(got[part], want, atol=1e-5, rtol=1e-5)
+        start += n
+    one = fresh_prefill_attention(q[:5], k[:5], v[:5], [5], 0.3)
+    torch.testing.assert_close(one, got[:5], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- decode kernel

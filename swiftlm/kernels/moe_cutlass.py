@@ -43,12 +43,12 @@ def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
 def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, position, group_ends): `order [T*k]` pair indices (`t * k + slot`) grouped by expert in pair
     order; `position` its inverse (where each pair's row lands); `group_ends [E]` int32 cumulative row counts."""
-    flat = topk_ids.reshape(-1).long()
+    flat = topk_ids.reshape(-1).to(torch.int32)  # 32-bit keys: half the radix-sort passes of int64
     order = torch.argsort(flat, stable=True)
     position = torch.empty_like(order)
     position.scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat))
     return order, position, torch.cumsum(counts, 0, dtype=torch.int32)
 
 

@@ -1,0 +1,81 @@
+"""Probe: ways to hand a fresh GQA prompt to cuDNN attention, and what each costs around the kernel.
+
+q `[S, Hq, D]`, k/v `[S, Hkv, D]` as the QKV projection leaves them (Qwen3-8B / 30B-A3B: Hq=32, Hkv=8, D=128):
+  repeat:  k/v heads repeated to Hq (`repeat_interleave`), q/k/v as `[1, H, S, D]` views, output copied back to
+           `[S, Hq, D]` (what `Attention._fresh_prefill` does);
+  gqa:     `enable_gqa=True` on the unrepeated k/v, output copied back;
+  grouped: batch = kv head, heads = its query group, k/v expanded along heads with stride 0 (no copy).
+Each variant runs under the cuDNN backend alone (an error means cuDNN refused it) and is checked against the
+math backend. Times are `triton.testing.do_bench` medians.
+
+    PYTHONPATH=$PWD python benchmarks/bench_gqa_sdpa.py --seq 8000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+
+def repeat(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1).repeat_interleave(group, 0)[None],
+                                       v.transpose(0, 1).repeat_interleave(group, 0)[None], is_causal=True, scale=scale)
+    out = torch.empty_like(q)
+    out.copy_(o[0].transpose(0, 1))
+    return out
+
+
+def gqa(q, k, v, scale):
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       is_causal=True, scale=scale, enable_gqa=True)
+    out = torch.empty_like(q)
+    out.copy_(o[0].transpose(0, 1))
+    return out
+
+
+def grouped(q, k, v, scale):
+    s, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.view(s, hkv, g, d).permute(1, 2, 0, 3)
+    kg = k.permute(1, 0, 2)[:, None].expand(hkv, g, s, d)
+    vg = v.permute(1, 0, 2)[:, None].expand(hkv, g, s, d)
+    o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+    return o.permute(2, 0, 1, 3).reshape(s, hq, d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, nargs="+", default=[8000, 1024])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for s in args.seq:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (32, 8, 8))
+        scale = 128 ** -0.5
+        with sdpa_kernel([SDPBackend.MATH]):
+            want = repeat(q, k, v, scale).float()
+        for name, fn in (("repeat", repeat), ("gqa", gqa), ("grouped", grouped)):
+            try:
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    got = fn(q, k, v, scale).float()
+                    us = do_bench(lambda: fn(q, k, v, scale), warmup=5, rep=40) * 1e3
+                err = ((got - want).norm() / want.norm()).item()
+                row = dict(seq=s, variant=name, us=us, rel_err=err, tflops=4 * s * s / 2 * 32 * 128 / us / 1e6)
+            except RuntimeError as exc:
+                row = dict(seq=s, variant=name, error=str(exc).splitlines()[0][:160])
+            rows.append(row)
+            print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
