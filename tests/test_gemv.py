@@ -264,7 +264,7 @@ def test_mlp_down_projection_fuses_the_activation_only_on_the_gemv_path(monkeypa
     monkeypatch.setattr(linear, "use_gemv", lambda x, w, mode="plain": True)
     monkeypatch.setattr(linear, "gemv", lambda x, w, **kw: seen.append((x.shape, kw)) or gk.gemv(x, w, **kw))
     torch.testing.assert_close(layer(gate_up, silu_mul=True).float(), want, rtol=2e-2, atol=2e-2)
-    assert seen == [((2, 2 * K), dict(bias=None, silu_mul=True))]
+    assert seen == [((2, 2 * K), dict(w_scale=None, bias=None, silu_mul=True))]
 
 
 def _bf16_cast(t: torch.Tensor) -> torch.Tensor:

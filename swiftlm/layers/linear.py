@@ -59,7 +59,31 @@ def gemv_pre_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
     return y, new_residual if new_residual is not None else x
 
 
-class UnquantizedLinearMethod(LinearMethod):
+class GemvLinearMethod(LinearMethod):
+    """A method whose decode-sized batches can run swiftlm's GEMV on `layer.weight` (times `gemv_scale`): the
+    fused-input modes (SiLU-and-mul, pre-norm) go there where `FUSED_GEMV_CONFIGS` lists the shape."""
+
+    def gemv_scale(self, layer: "LinearBase") -> torch.Tensor | None:
+        """Per-output-channel weight scale for the GEMV, or None for a 16-bit weight."""
+        return None
+
+    def gemv_ready(self, layer: "LinearBase") -> bool:
+        """Whether the weight is in its final form (online quantization happens after loading)."""
+        return True
+
+    def apply_silu_mul(self, layer: "LinearBase", gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.gemv_ready(layer) and use_gemv(gate_up, layer.weight, "silu"):
+            return gemv(gate_up, layer.weight, w_scale=self.gemv_scale(layer), bias=bias, silu_mul=True)
+        return super().apply_silu_mul(layer, gate_up, bias)
+
+    def apply_pre_norm(self, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gemv_ready(layer) and use_gemv(x, layer.weight, "norm"):
+            return gemv_pre_norm(x, residual, norm, layer.weight, self.gemv_scale(layer), bias)
+        return super().apply_pre_norm(layer, x, residual, norm, bias)
+
+
+class UnquantizedLinearMethod(GemvLinearMethod):
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
         set_weight_attrs(weight, output_dim=0, input_dim=1)
@@ -69,17 +93,6 @@ class UnquantizedLinearMethod(LinearMethod):
         if use_gemv(x, layer.weight):  # decode-sized batches: a GEMV that streams the weight faster than cuBLAS
             return gemv(x, layer.weight, bias=bias)
         return F.linear(x, layer.weight, bias)
-
-    def apply_silu_mul(self, layer: "LinearBase", gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if use_gemv(gate_up, layer.weight, "silu"):
-            return gemv(gate_up, layer.weight, bias=bias, silu_mul=True)
-        return super().apply_silu_mul(layer, gate_up, bias)
-
-    def apply_pre_norm(self, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if use_gemv(x, layer.weight, "norm"):
-            return gemv_pre_norm(x, residual, norm, layer.weight, None, bias)
-        return super().apply_pre_norm(layer, x, residual, norm, bias)
 
 
 class LinearBase(nn.Module):

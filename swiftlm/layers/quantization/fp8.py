@@ -12,11 +12,10 @@ from torch import nn
 
 from swiftlm.kernels.gemv import gemv, use_gemv
 from swiftlm.kernels.quant import FP8_DTYPE, fp8_linear, per_token_quant_fp8
-from swiftlm.layers.linear import LinearBase, LinearMethod, gemv_pre_norm, set_weight_attrs
-from swiftlm.layers.norm import RMSNorm
+from swiftlm.layers.linear import GemvLinearMethod, LinearBase, set_weight_attrs
 
 
-class Fp8LinearMethod(LinearMethod):
+class Fp8LinearMethod(GemvLinearMethod):
     """`checkpoint_fp8=True`: parameters arrive quantized; False: a 16-bit weight is quantized after loading."""
 
     def __init__(self, checkpoint_fp8: bool) -> None:
@@ -48,13 +47,8 @@ class Fp8LinearMethod(LinearMethod):
             return gemv(x, layer.weight, layer.weight_scale, bias)
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
-    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.weight.dtype == FP8_DTYPE and use_gemv(gate_up, layer.weight, "silu"):
-            return gemv(gate_up, layer.weight, layer.weight_scale, bias, silu_mul=True)
-        return super().apply_silu_mul(layer, gate_up, bias)
+    def gemv_scale(self, layer: LinearBase) -> torch.Tensor | None:
+        return layer.weight_scale
 
-    def apply_pre_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer.weight.dtype == FP8_DTYPE and use_gemv(x, layer.weight, "norm"):
-            return gemv_pre_norm(x, residual, norm, layer.weight, layer.weight_scale, bias)
-        return super().apply_pre_norm(layer, x, residual, norm, bias)
+    def gemv_ready(self, layer: LinearBase) -> bool:
+        return layer.weight.dtype == FP8_DTYPE
