@@ -442,8 +442,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     `path`: "auto" (GEMV when `T <= GEMV_MAX_TOKENS`, low latency when `T * k <= LOW_LATENCY_MAX_PAIRS`, cutlass
     from `CUTLASS_MIN_PAIRS_PER_EXPERT` pairs per expert where `cutlass_moe_supported`, else grouped), "gemv",
     "low_latency", "grouped" or "cutlass" (`swiftlm.kernels.moe_cutlass`). `configs` overrides the (GEMM1, GEMM2)
-    tiles (tests, benchmark sweeps): `MoeGemvConfig`s for "gemv", `MoeTileConfig`s otherwise. Capturable in a CUDA graph: no host syncs,
-    and every launch's grid depends only on shapes.
+    tiles (tests, benchmark sweeps): `MoeGemvConfig`s for "gemv", `MoeTileConfig`s otherwise. Capturable in a
+    CUDA graph: no host syncs, and every launch's grid depends only on shapes.
     """
     _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden = x.shape

@@ -30,8 +30,8 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     GQA without copies: batch = kv head, heads = that head's query group, and k/v expanded along the group
     with stride 0, all views of the QKV projection's output; cuDNN takes these strides as they are. On the
     H100 that beat repeating k/v to every query head by 20% at 8000 tokens and 40% at 1024
-    (`benchmarks/bench_gqa_sdpa.py`). The output comes back in q's token-major layout, so one prompt needs no
-    copy."""
+    (`benchmarks/bench_gqa_sdpa.py`, output reshape included). The output is reshaped back to token-major
+    `[T, Hq, D]`: a view when the backend returns q's layout."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
