@@ -1,9 +1,11 @@
 """Probe: swiftlm's Triton fused MoE vs torch's CUTLASS grouped GEMM (`torch._grouped_mm`) on Qwen3-30B-A3B
 expert shapes, to decide whether prefill-sized MoE should hand its two GEMMs to CUTLASS.
 
-For each token count: swiftlm `fused_moe` (auto path, whole layer minus routing), the two `torch._grouped_mm`
-GEMMs alone on expert-sorted rows (the compute a CUTLASS path cannot avoid), and a whole CUTLASS-path layer
-(sort pairs by expert, gather rows, GEMM1, SiLU-and-mul, GEMM2, weighted combine) built from PyTorch ops.
+For each token count: swiftlm `fused_moe` on the Triton grouped path (whole layer minus routing), the two
+`torch._grouped_mm` GEMMs alone on expert-sorted rows (the compute a CUTLASS path cannot avoid), and the whole
+CUTLASS path (`fused_moe(path="cutlass")`: sort, row gather, GEMM1, SiLU-and-mul, GEMM2, weighted combine).
+The committed `moe_grouped_mm_h100_0cf4167` run predates `moe_cutlass`: it timed the grouped path as "auto"
+and a slower PyTorch-op version of the CUTLASS layer.
 Times are `triton.testing.do_bench` medians (L2 flushed); TFLOP/s = 2 * T * k * 3 * H * I / time.
 
     PYTHONPATH=$PWD python benchmarks/bench_moe_grouped_mm.py --tokens 64 512 8000
@@ -16,37 +18,15 @@ import pathlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from triton.testing import do_bench  # noqa: E402
 
 from swiftlm.kernels import fused_moe as fm  # noqa: E402
+from swiftlm.kernels.moe_cutlass import sort_pairs  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b" / "config.json"
-
-
-def sort_pairs(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair order grouped by expert, int32 cumulative group ends) with no host sync."""
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
-    return order, torch.cumsum(counts, 0, dtype=torch.int32)
-
-
-def cutlass_layer(x, w13, w2, weights, ids):
-    num_tokens, top_k = ids.shape
-    order, offs = sort_pairs(ids, w13.shape[0])
-    a = x.index_select(0, order // top_k)
-    h = torch._grouped_mm(a, w13.transpose(1, 2), offs=offs)
-    inter = w2.shape[2]
-    act = F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
-    per_pair = torch.empty_like(y)
-    per_pair[order] = y
-    return (per_pair.view(num_tokens, top_k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
 
 
 def main() -> None:
@@ -68,15 +48,15 @@ def main() -> None:
         logits = torch.randn(t, num_experts, device="cuda")
         weights, ids = fm.route_ref(logits, top_k, True)
         flops = 2 * t * top_k * 3 * hidden * inter
-        ours = do_bench(lambda: fm.fused_moe(x, w13, w2, weights, ids), warmup=5, rep=50) * 1e3
-        layer = do_bench(lambda: cutlass_layer(x, w13, w2, weights, ids), warmup=5, rep=50) * 1e3
-        order, offs = sort_pairs(ids, num_experts)
+        ours = do_bench(lambda: fm.fused_moe(x, w13, w2, weights, ids, path="grouped"), warmup=5, rep=50) * 1e3
+        layer = do_bench(lambda: fm.fused_moe(x, w13, w2, weights, ids, path="cutlass"), warmup=5, rep=50) * 1e3
+        order, _, offs = sort_pairs(ids, num_experts)
         a = x.index_select(0, order // top_k)
         act = torch.randn(t * top_k, inter, device="cuda", dtype=torch.bfloat16)
         g1 = do_bench(lambda: torch._grouped_mm(a, w13.transpose(1, 2), offs=offs), warmup=5, rep=50) * 1e3
         g2 = do_bench(lambda: torch._grouped_mm(act, w2.transpose(1, 2), offs=offs), warmup=5, rep=50) * 1e3
-        ref = fm.fused_moe(x, w13, w2, weights, ids).float()
-        err = ((cutlass_layer(x, w13, w2, weights, ids).float() - ref).norm() / ref.norm()).item()
+        ref = fm.fused_moe(x, w13, w2, weights, ids, path="grouped").float()
+        err = ((fm.fused_moe(x, w13, w2, weights, ids, path="cutlass").float() - ref).norm() / ref.norm()).item()
         row = dict(tokens=t, swiftlm_us=ours, cutlass_layer_us=layer, gemm1_us=g1, gemm2_us=g2, rel_err=err,
                    swiftlm_tflops=flops / ours / 1e6, cutlass_layer_tflops=flops / layer / 1e6,
                    gemms_tflops=flops / (g1 + g2) / 1e6)

@@ -25,7 +25,8 @@ A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Four way
   BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N tensor-core tile.
 * cutlass (prefill-sized, bf16 on sm90+): torch's CUTLASS grouped GEMM, `swiftlm.kernels.moe_cutlass`.
 
-On the two tensor-core paths the top-k sum is a separate reduce over a `[T, k, H]` buffer rather than atomics into an fp32 output: it is
+On the low-latency and grouped paths the top-k sum is a separate reduce over a `[T, k, H]` buffer rather than
+atomics into an fp32 output (the cutlass path's combine kernel likewise sums each token's rows in order): it is
 deterministic (same bits run to run and whatever else shares the batch), needs no zero-fill or fp32 -> dtype cast
 pass, and costs about what the atomics' read-modify-write traffic would.
 
@@ -129,10 +130,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, expert_cou
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
     num_tokens, num_experts = router_logits.shape
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):
-        raise ValueError(f"expert_counts must be [{num_experts}] int64")
+    _check_routing(num_experts, top_k, expert_counts)
     if not can_use_triton(router_logits):
         weights, ids = route_ref(router_logits, top_k, renormalize)
         if expert_counts is not None:
@@ -202,7 +200,10 @@ def _check_gate(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, expert_c
     if gate_weight.dim() != 2 or x.dim() != 2 or gate_weight.shape[1] != x.shape[1] or gate_weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and gate weight {tuple(gate_weight.shape)} "
                          f"{gate_weight.dtype} must be [T, H] and [E, H] of one dtype")
-    num_experts = gate_weight.shape[0]
+    _check_routing(gate_weight.shape[0], top_k, expert_counts)
+
+
+def _check_routing(num_experts: int, top_k: int, expert_counts: torch.Tensor | None) -> None:
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int64):

@@ -232,7 +232,7 @@ if HAS_TRITON:
 
     @triton.jit
     def store_tile(acc, offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Finish this program's [BLOCK_M, BLOCK_N] sums, or with split-K park them in the workspace [S, M, N] and let
         the last split of the column tile (atomic arrival count) add all partials in split order and finish."""
         if SPLIT_K == 1:
@@ -278,8 +278,8 @@ if HAS_TRITON:
 
     @triton.jit
     def fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, SILU_MUL: tl.constexpr = False,
-                  up_offset=0):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, SILU_MUL: tl.constexpr = False,
+                 up_offset=0):
         """acc [BLOCK_M, BLOCK_N, BLOCK_K // CHUNK] += chunk sums of x[m, k] * w[n, k] for every row m.
 
         Everything is shaped from the 2-D weight tile, so the compiler keeps its load layout (16-byte vectors along
@@ -311,8 +311,8 @@ if HAS_TRITON:
 
     @triton.jit
     def fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile, M,
-                       k, k_stop, TAIL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+                      k, k_stop, TAIL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         """`fma_tile` on RMSNorm inputs (`_load_norm_x`); also adds each row's s^2 chunk sums to ssq
         [BLOCK_M, BLOCK_K // CHUNK]."""
         w = w.to(tl.float32)
@@ -334,7 +334,7 @@ if HAS_TRITON:
         """One K tile of the fma kernel for its input mode (plain / SiLU-and-mul via `fma_tile`, or RMSNorm)."""
         if NORM:
             acc, ssq = fma_tile_norm(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom,
-                                      tile, M, k, k_stop, TAIL, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+                                     tile, M, k, k_stop, TAIL, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
         else:
             acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
         return acc, ssq

@@ -138,10 +138,13 @@ class FusedMoE(nn.Module):
         meta = current_forward_context()
         return meta.num_real_tokens if meta is not None else None
 
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale)
+
     def forward(self, hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
         weights, ids = gate_route(hidden, gate_weight, self.top_k, self.renormalize, self.expert_counts,
                                   self._count_limit())
-        return fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale)
+        return self._experts(hidden, weights, ids)
 
     def forward_pre_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                          gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,5 +155,5 @@ class FusedMoE(nn.Module):
             return self(x, gate_weight), residual
         x, residual, weights, ids = norm_gate_route(hidden, residual, norm.weight, norm.eps, gate_weight, self.top_k,
                                                     self.renormalize, self.expert_counts, self._count_limit())
-        return fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, self.w13_scale, self.w2_scale), residual
+        return self._experts(x, weights, ids), residual
 
