@@ -18,7 +18,8 @@ from swiftlm.kernels import fused_moe as fm  # noqa: E402
 from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
 from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref  # noqa: E402
 from swiftlm.kernels.gemv import split_counters  # noqa: E402
-from swiftlm.kernels.moe_cutlass import sort_pairs  # noqa: E402
+from swiftlm.kernels import moe_cutlass  # noqa: E402
+from swiftlm.kernels.moe_cutlass import group_rows  # noqa: E402
 from swiftlm.layers.moe import FusedMoE  # noqa: E402
 from swiftlm.layers.norm import RMSNorm  # noqa: E402
 
@@ -309,12 +310,26 @@ def test_cutlass_matches_reference(tokens, num_experts, top_k, hot, dtype) -> No
     _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
 
 
-def test_sort_pairs_groups_by_expert_in_pair_order() -> None:
-    ids = torch.tensor([[2, 0], [0, 3], [2, 1]], device=DEVICE)
-    order, position, ends = sort_pairs(ids, 5)
-    assert order.tolist() == [1, 2, 5, 0, 4, 3]
-    assert torch.equal(order[position], torch.arange(6, device=DEVICE))
-    assert ends.tolist() == [2, 3, 5, 6, 6] and ends.dtype == torch.int32
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernels), False])
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_group_rows_puts_each_pair_in_its_experts_group(top_k, kernel, monkeypatch) -> None:
+    """Every (token, slot) pair's row is x's row, inside its expert's group; groups are contiguous and sized by
+    the routing (expert 4 gets none). Row order inside a group is free (the GPU claims rows atomically); without
+    Triton a stable sort groups them."""
+    if not kernel:
+        monkeypatch.setattr(moe_cutlass, "can_use_triton", lambda t: False)
+    num_tokens, num_experts = 9, 5
+    ids = torch.stack([torch.randperm(4)[:top_k] for _ in range(num_tokens)]).to(DEVICE)
+    x = torch.randn(num_tokens, 40, device=DEVICE)
+    rows, position, ends = group_rows(x, ids, num_experts)
+    counts = torch.bincount(ids.flatten().cpu(), minlength=num_experts)
+    assert ends.dtype == torch.int32 and ends.tolist() == torch.cumsum(counts, 0).tolist()
+    assert sorted(position.tolist()) == list(range(num_tokens * top_k))
+    starts = [0] + ends.tolist()[:-1]
+    for pair, row in enumerate(position.tolist()):
+        token, expert = pair // top_k, ids.flatten()[pair].item()
+        assert starts[expert] <= row < ends[expert].item()
+        assert torch.equal(rows[row], x[token])
 
 
 @needs_kernels

@@ -17,11 +17,13 @@ import functools
 
 import torch
 
-from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
 __all__ = [
     "decode_num_splits",
@@ -161,7 +163,7 @@ if HAS_TRITON:
         stride_lb, stride_lh, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
@@ -169,6 +171,7 @@ if HAS_TRITON:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        wait_for_inputs(PDL)
         seq_len = tl.load(seq_lens_ptr + b)
         tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
@@ -207,6 +210,7 @@ if HAS_TRITON:
                          input_precision=DOT_PRECISION)
             m_i = m_new
 
+        release_dependents(PDL)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc * (v_scale / l_safe)[:, None]
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -223,7 +227,7 @@ if HAS_TRITON:
         stride_pb, stride_ph, stride_ps,
         stride_lb, stride_lh,
         stride_ob, stride_oh, num_splits,
-        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):
         """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
         b = tl.program_id(0)
@@ -231,6 +235,8 @@ if HAS_TRITON:
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         s_mask = offs_s < num_splits
+        wait_for_inputs(PDL)
+        release_dependents(PDL)
         lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
         m = tl.max(lse, 0)
         w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -416,11 +422,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     default_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
     block_n = block_n or default_n
     dot_dtype, precision = _dot_args(q.dtype)
+    pdl = use_pdl(q)
     qk_scale = scale * _LOG2E * k_mult
     # num_splits is a run-time argument (not specialized) so every batch size's graph shares one compiled kernel.
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype],
-                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+                  PDL=pdl, launch_pdl=pdl)
     grid = (batch, num_kv_heads, num_splits)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     if num_splits == 1:
@@ -436,8 +444,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
                                              out.stride(0), out.stride(1), num_splits,
                                              SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
-                                             HEAD_DIM=head_dim,
-                                             num_warps=4)
+                                             HEAD_DIM=head_dim, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -48,14 +48,14 @@ import torch.nn.functional as F
 from swiftlm.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_ref
 from swiftlm.kernels.gemv import split_counters
 from swiftlm.kernels.moe_cutlass import cutlass_moe, cutlass_moe_supported
-from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from swiftlm.kernels.gemv import fma_tile, fma_tile_norm
-    from swiftlm.kernels.triton_support import swizzled_tile
+    from swiftlm.kernels.triton_support import release_dependents, swizzled_tile, wait_for_inputs
 
 __all__ = [
     "CUTLASS_MIN_PAIRS_PER_EXPERT",
@@ -224,6 +224,7 @@ def _launch_gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, r
     logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     residual, norm_weight, eps, residual_out, normed = norm if norm is not None else (x, x, 0.0, x, x)
     block_n = 2  # 64 programs stream Qwen3-MoE's 128-expert gate
+    pdl = use_pdl(x)
     per_warp = 32 * 16 // x.element_size()
     block_k = max(32, min(per_warp * 4, _pow2_at_least(hidden)))
     _gate_route_kernel[(_cdiv(num_experts, block_n),)](
@@ -235,7 +236,7 @@ def _launch_gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, r
         TOP_K_PAD=_pow2_at_least(top_k), RENORMALIZE=renormalize, COUNT=expert_counts is not None,
         HAS_LIMIT=count_limit is not None, NORM=norm is not None, BLOCK_T=_pow2_at_least(num_tokens),
         BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=min(16 // x.element_size(), block_k),
-        E_PAD=_pow2_at_least(num_experts), num_warps=4)
+        E_PAD=_pow2_at_least(num_experts), num_warps=4, PDL=pdl, launch_pdl=pdl)
     return weights, ids
 
 
@@ -519,15 +520,16 @@ def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: t
     s2 = w2_scale if fp8 else w2
     act = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)
     up, down = configs
+    pdl = use_pdl(x)
     _moe_gemv_up_kernel[(ids.numel(), _cdiv(inter, up.block_n))](
         x, w13, s13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         act.stride(0), N=inter, K=hidden, TOP_K=top_k, FP8=fp8, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
-        CHUNK=min(chunk, up.block_k), num_warps=up.num_warps)
+        CHUNK=min(chunk, up.block_k), num_warps=up.num_warps, PDL=pdl, launch_pdl=pdl)
     out = torch.empty_like(x)
     _moe_gemv_down_kernel[(num_tokens, _cdiv(hidden, down.block_n))](
         act, w2, s2, ids, weights, out, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
         out.stride(0), N=hidden, K=inter, TOP_K=top_k, FP8=fp8, BLOCK_N=down.block_n, BLOCK_K=down.block_k,
-        CHUNK=min(chunk, down.block_k), num_warps=down.num_warps)
+        CHUNK=min(chunk, down.block_k), num_warps=down.num_warps, PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -645,7 +647,7 @@ if HAS_TRITON:
                            stride_nm, eps, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                            RENORMALIZE: tl.constexpr, COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr,
                            NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+                           CHUNK: tl.constexpr, E_PAD: tl.constexpr, PDL: tl.constexpr):
         """Program: BLOCK_N gate rows -> logits `[T, BLOCK_N]` (CUDA-core GEMV, rounded to x's dtype as a linear
         layer's output is) parked in the fp32 workspace `[T, E]`; the last program to arrive (an atomic counter,
         reset for the next launch) routes all T tokens from the workspace. NORM: the input is
@@ -655,6 +657,7 @@ if HAS_TRITON:
         w_rows = w_ptr + (offs_n % E).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
         ssq = tl.zeros([BLOCK_T, BLOCK_K // CHUNK], tl.float32)
+        wait_for_inputs(PDL)
         for k0 in tl.static_range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             if k0 + BLOCK_K <= K:
@@ -665,6 +668,7 @@ if HAS_TRITON:
                 acc, ssq = _gate_step(acc, ssq, tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0), x_ptr,
                                       r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, pid, T, k, K, True,
                                       NORM, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
+        release_dependents(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_mask = rows < T
         sums = tl.sum(acc, axis=2)
@@ -848,12 +852,14 @@ if HAS_TRITON:
     @triton.jit
     def _moe_gemv_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, stride_xm, stride_we, stride_wn, stride_se,
                             stride_sn, stride_am, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
-                            FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+                            FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                            PDL: tl.constexpr):
         """Program (pair, N tile): act[pair, n] = SiLU(gate_n . x) * (up_n . x) with the pair's expert's gate rows
         n and up rows N + n, x the pair's token."""
         pair = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n % N  # rows past N re-read a valid row (unmasked, vectorized loads); never stored
+        wait_for_inputs(PDL)
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
         x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
@@ -861,6 +867,7 @@ if HAS_TRITON:
                            BLOCK_K, CHUNK)
         acc_u = _gemv_rows(tl.zeros([1, BLOCK_N, BLOCK_K // CHUNK], tl.float32), gate_rows + N * stride_wn, x_row,
                            K, BLOCK_N, BLOCK_K, CHUNK)
+        release_dependents(PDL)
         gate = tl.sum(acc_g, axis=2)
         up = tl.sum(acc_u, axis=2)
         if FP8:
@@ -875,13 +882,14 @@ if HAS_TRITON:
     def _moe_gemv_down_kernel(act_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr, stride_am, stride_we, stride_wn,
                               stride_se, stride_sn, stride_om, N: tl.constexpr, K: tl.constexpr,
                               TOP_K: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              CHUNK: tl.constexpr):
+                              CHUNK: tl.constexpr, PDL: tl.constexpr):
         """Program (token, N tile): out[t, n] = sum over the token's k slots of weight * (down_n . act[pair]), the
         slots in order in fp32, so the result does not depend on which other tokens share the batch."""
         token = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n % N
         total = tl.zeros([1, BLOCK_N], tl.float32)
+        wait_for_inputs(PDL)
         for slot in tl.static_range(TOP_K):
             pair = token * TOP_K + slot
             expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -892,5 +900,6 @@ if HAS_TRITON:
             if FP8:
                 part = part * tl.load(s_ptr + expert * stride_se + rows * stride_sn)[None, :]
             total += part
+        release_dependents(PDL)
         tl.store(out_ptr + token * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=offs_n[None, :] < N)

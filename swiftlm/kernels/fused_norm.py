@@ -12,20 +12,24 @@ import torch
 
 from swiftlm.kernels.quant import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_PRE_ROUND, HAS_TRITON, can_use_triton,
                                    next_power_of_2, per_token_quant_fp8_ref)
+from swiftlm.kernels.triton_support import use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from swiftlm.kernels.quant import to_fp8
+    from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, s_ptr, N, stride_x, stride_r, stride_y, stride_ro,
                          eps, HAS_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
-                         MIN_SCALE: tl.constexpr, PRE_ROUND: tl.constexpr, BLOCK: tl.constexpr):
+                         MIN_SCALE: tl.constexpr, PRE_ROUND: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
+        wait_for_inputs(PDL)
+        release_dependents(PDL)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x += tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -54,12 +58,14 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return
     block = next_power_of_2(n)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    pdl = use_pdl(x)
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, y, r_out if r_out is not None else x,
         scale if scale is not None else weight, n, x.stride(0),
         residual.stride(0) if residual is not None else 0, y.stride(0), r_out.stride(0) if r_out is not None else 0,
         eps, HAS_RESIDUAL=residual is not None, QUANT_FP8=scale is not None, FP8_MAX=FP8_MAX,
-        MIN_SCALE=FP8_MIN_SCALE, PRE_ROUND=FP8_PRE_ROUND, BLOCK=block, num_warps=warps)
+        MIN_SCALE=FP8_MIN_SCALE, PRE_ROUND=FP8_PRE_ROUND, BLOCK=block, num_warps=warps,
+        PDL=pdl, launch_pdl=pdl)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

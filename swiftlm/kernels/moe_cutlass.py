@@ -5,11 +5,15 @@ GEMMs run faster in CUTLASS than in the Triton grouped kernel (H100, Qwen3-30B-A
 both GEMMs, 538 TFLOP/s, against 1729 us for the whole Triton layer; `benchmarks/bench_moe_grouped_mm.py`), enough
 to pay for what CUTLASS cannot fuse: rows gathered into expert order first, SiLU-and-mul between the GEMMs, and
 a weighted combine after. A forward is
-    sort the T*k (token, slot) pairs by expert (stable) -> gather x rows in that order      -> [T*k, H]
+    group the T*k (token, slot) pairs by expert, copying x rows to their group's slots     -> [T*k, H]
     GEMM1 (per-expert row groups, w13[e].T)              -> SiLU(gate) * up                  -> [T*k, I]
     GEMM2 (w2[e].T)                                      -> per token: sum_k weight * row    -> [T, H]
-Nothing here syncs with the host: group ends are a device cumsum. The combine sums each token's k rows in fp32
-in slot order, so a token's output does not depend on the rest of the batch. 16-bit weights only (torch's
+Nothing here syncs with the host: group ends are a device cumsum. On the GPU one kernel per token claims a row
+in each of its experts' groups (an atomic cursor per expert) and writes x's row there, so the grouping costs one
+read of x and one write of the rows instead of a sort plus a gather (an 8000-token prefill: 56 + 170 us per
+layer). The order of rows inside a group then varies from run to run, which changes no result: each GEMM row
+depends only on its own input row. The combine sums each token's k rows in fp32 in slot order, so a token's
+output does not depend on the rest of the batch. 16-bit weights only (torch's
 grouped GEMM is bf16 on CUDA); FP8 experts keep the Triton paths.
 """
 from __future__ import annotations
@@ -23,9 +27,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["cutlass_moe", "cutlass_moe_supported"]
+__all__ = ["cutlass_moe", "cutlass_moe_supported", "group_rows"]
 
 _COMBINE_BLOCK = 1024
+_SCATTER_BLOCK = 1024
 
 
 def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -40,16 +45,30 @@ def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     return w13.shape[2] % 8 == 0 and w2.shape[2] % 8 == 0
 
 
-def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order, position, group_ends): `order [T*k]` pair indices (`t * k + slot`) grouped by expert in pair
-    order; `position` its inverse (where each pair's row lands); `group_ends [E]` int32 cumulative row counts."""
-    flat = topk_ids.reshape(-1).to(torch.int32)  # 32-bit keys: half the radix-sort passes of int64
-    order = torch.argsort(flat, stable=True)
-    position = torch.empty_like(order)
-    position.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+def group_rows(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, position, group_ends): `rows [T*k, H]` copies of x's rows grouped by expert, `position [T*k]` the
+    row of pair `t * k + slot`, `group_ends [E]` int32 cumulative row counts (the grouped GEMM's `offs`)."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat.long(), torch.ones_like(flat))
-    return order, position, torch.cumsum(counts, 0, dtype=torch.int32)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
+    group_ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    if not can_use_triton(x):
+        order = torch.argsort(flat, stable=True)
+        position = torch.empty_like(order)
+        position.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return x.index_select(0, order // top_k), position, group_ends
+    cursor = group_ends - counts
+    rows = x.new_empty(num_tokens * top_k, x.shape[1])
+    position = torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device)
+    if num_tokens:
+        block = min(_SCATTER_BLOCK, triton.next_power_of_2(x.shape[1]))
+        _scatter_rows_kernel[(num_tokens,)](x, topk_ids, cursor, rows, position, x.shape[1], x.stride(0),
+                                            topk_ids.stride(0), rows.stride(0), TOP_K=top_k,
+                                            K_PAD=triton.next_power_of_2(top_k), BLOCK=block,
+                                            num_warps=4)
+    return rows, position, group_ends
 
 
 def cutlass_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -59,8 +78,7 @@ def cutlass_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
     Operands are `fused_moe`'s, already checked there. Runs wherever `torch._grouped_mm` takes the dtype (also
     CPU, for tests); the combine is a Triton kernel, or PyTorch where Triton cannot run."""
     num_tokens, top_k = topk_ids.shape
-    order, position, group_ends = sort_pairs(topk_ids, w13.shape[0])
-    rows = x.index_select(0, order // top_k)
+    rows, position, group_ends = group_rows(x, topk_ids, w13.shape[0])
     act = silu_and_mul(torch._grouped_mm(rows, w13.transpose(1, 2), offs=group_ends))
     expert_out = torch._grouped_mm(act, w2.transpose(1, 2), offs=group_ends)
     weights = topk_weights.to(torch.float32).contiguous()
@@ -92,3 +110,24 @@ if HAS_TRITON:
             weight = tl.load(weights_ptr + token * TOP_K + slot)
             acc += weight * tl.load(rows_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + token.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scatter_rows_kernel(x_ptr, ids_ptr, cursor_ptr, rows_ptr, position_ptr, H, stride_x, stride_ids,
+                             stride_r, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (token): claim a row in each of the token's experts' groups and copy x's row to all of them."""
+        token = tl.program_id(0)
+        slots = tl.arange(0, K_PAD)
+        rows = tl.zeros([K_PAD], tl.int64)
+        for slot in tl.static_range(TOP_K):
+            expert = tl.load(ids_ptr + token * stride_ids + slot)
+            row = tl.atomic_add(cursor_ptr + expert, 1)
+            tl.store(position_ptr + token * TOP_K + slot, row)
+            rows = tl.where(slots == slot, row.to(tl.int64), rows)
+        x_row = x_ptr + token.to(tl.int64) * stride_x
+        for start in range(0, H, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < H
+            vals = tl.load(x_row + offs, mask=mask)
+            copies = tl.broadcast_to(vals[None, :], (K_PAD, BLOCK))
+            tl.store(rows_ptr + rows[:, None] * stride_r + offs[None, :], copies,
+                     mask=(slots < TOP_K)[:, None] & mask[None, :])

@@ -16,12 +16,14 @@ import torch
 
 from swiftlm.kernels.quant import (FP8_DTYPE, FP8_MAX, FP8_PRE_ROUND, HAS_TRITON, can_use_triton, cdiv,
                                    next_power_of_2, quantize_kv_fp8)
+from swiftlm.kernels.triton_support import use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from swiftlm.kernels.quant import to_fp8
+    from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
 
 def compute_cos_sin_cache(rot_dim: int, max_position: int, base: float,
@@ -84,12 +86,14 @@ if HAS_TRITON:
             stride_koh, stride_cs, stride_cslot, stride_ch, num_q_heads, num_kv_heads, q_blocks, eps, k_scale, v_scale,
             HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
             HAS_NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
-            PRE_ROUND: tl.constexpr):
+            PRE_ROUND: tl.constexpr, PDL: tl.constexpr):
         """Program (t, b): b < q_blocks handles query heads [b*BLOCK_H, ...), otherwise a block of KV heads."""
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
         offs_d = tl.arange(0, HALF_PAD)
         mask_d = offs_d < HALF
+        wait_for_inputs(PDL)
+        release_dependents(PDL)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         cos = tl.load(cs_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -177,6 +181,7 @@ def rope_qk_norm_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     block_h = min(next_power_of_2(max(hq, hkv)), max(1, (2048 if t > 64 else 256) // d))
     q_blocks = cdiv(hq, block_h)
     grid = (t, q_blocks + cdiv(hkv, block_h))
+    pdl = use_pdl(q)
     _rope_qk_norm_cache_kernel[grid](
         q, k, v, q_out, k_out, positions, cos_sin_cache,
         q_norm_weight if q_norm_weight is not None else cos_sin_cache,
@@ -187,5 +192,5 @@ def rope_qk_norm_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         hq, hkv, q_blocks, eps, k_scale, v_scale, HEAD_DIM=d, HALF=half, HALF_PAD=next_power_of_2(half),
         BLOCK_H=block_h, HAS_NORM=q_norm_weight is not None, WRITE_CACHE=write_cache,
         FP8_CACHE=write_cache and k_cache.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, PRE_ROUND=FP8_PRE_ROUND,
-        num_warps=4 if block_h * d >= 1024 else 2)
+        num_warps=4 if block_h * d >= 1024 else 2, PDL=pdl, launch_pdl=pdl)
     return q_out, k_out
