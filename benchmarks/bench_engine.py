@@ -245,6 +245,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
               "command": " ".join(sys.argv), "model": args.model, "ceilings": ceil, "swiftlm": ours,
+              "pdl": os.environ.get("SWIFTLM_PDL", "1") != "0",
               "transformers": hf}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,7 @@
 """Where a step's time goes, for batch-1 decode, 512- and 8000-token prefills and the offline throughput workload.
 
 Times engine phases (schedule / model runner / output processing) by wrapping them, and the GPU time of
-one bs=1 decode graph replay with CUDA events, then prints a torch.profiler table per case (GPU kernels for the
+one bs=1 decode graph replay with CUDA events (also recaptured with programmatic dependent launch flipped), then prints a torch.profiler table per case (GPU kernels for the
 decode graph and the 8000-token prefill, host and GPU for the 512-token one).
 
     PYTHONPATH=$PWD python benchmarks/profile_engine.py --model benchmarks/models/qwen3-8b
@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from swiftlm import SamplingParams
 from swiftlm.engine.llm import LLM
+from swiftlm.kernels.triton_support import set_pdl, use_pdl
 
 PHASES: dict[str, float] = collections.defaultdict(float)
 
@@ -30,6 +31,32 @@ def timed(name: str, fn):
         finally:
             PHASES[name] += time.perf_counter() - t
     return wrapper
+
+
+def graph_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
+    """Mean GPU time of one replay."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.inference_mode()
+def decode_graph(runner, bs: int) -> torch.cuda.CUDAGraph:
+    """A fresh capture of the runner's batch-`bs` decode step on its current inputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        runner._decode_forward(bs)
+        with torch.cuda.graph(graph, stream=stream):
+            runner._decode_forward(bs)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
 
 
 def main() -> None:
@@ -59,13 +86,12 @@ def main() -> None:
         engine.step()
     engine.add_request("d", ids(512), greedy)
     engine.step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        runner.graphs[1].replay()
-    end.record()
-    torch.cuda.synchronize()
-    replay_ms = start.elapsed_time(end) / 100
+    replay_ms = graph_ms(runner.graphs[1])
+    set_pdl(not use_pdl(torch.empty(0, device="cuda")))
+    flipped = graph_ms(decode_graph(runner, 1))
+    set_pdl(not use_pdl(torch.empty(0, device="cuda")))
+    print(f"bs=1 decode graph replay, programmatic dependent launch as configured: {replay_ms:.3f} ms GPU; "
+          f"flipped: {flipped:.3f} ms")
     PHASES.clear()
     t = time.perf_counter()
     for _ in range(100):

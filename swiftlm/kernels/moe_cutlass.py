@@ -120,7 +120,7 @@ if HAS_TRITON:
         rows = tl.zeros([K_PAD], tl.int64)
         for slot in tl.static_range(TOP_K):
             expert = tl.load(ids_ptr + token * stride_ids + slot)
-            row = tl.atomic_add(cursor_ptr + expert, 1)
+            row = tl.atomic_add(cursor_ptr + expert, 1, sem="relaxed")
             tl.store(position_ptr + token * TOP_K + slot, row)
             rows = tl.where(slots == slot, row.to(tl.int64), rows)
         x_row = x_ptr + token.to(tl.int64) * stride_x
