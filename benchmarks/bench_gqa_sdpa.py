@@ -1,14 +1,16 @@
 """Probe: ways to hand a fresh GQA prompt to cuDNN attention, and what each costs around the kernel.
 
-q `[S, Hq, D]`, k/v `[S, Hkv, D]` as the QKV projection leaves them (Qwen3-8B / 30B-A3B: Hq=32, Hkv=8, D=128):
+q `[S, Hq, D]`, k/v `[S, Hkv, D]` (Hq=32, D=128; Hkv=8 for Qwen3-8B, 4 for Qwen3-30B-A3B):
   repeat:  k/v heads repeated to Hq (`repeat_interleave`), q/k/v as `[1, H, S, D]` views, output copied back to
            `[S, Hq, D]` (what `Attention._fresh_prefill` does);
   gqa:     `enable_gqa=True` on the unrepeated k/v, output copied back;
-  grouped: batch = kv head, heads = its query group, k/v expanded along heads with stride 0 (no copy).
+  grouped: batch = kv head, heads = its query group, k/v expanded along heads with stride 0 (no copy);
+  grouped-packed: the same on q/k/v that are column slices of one `[S, (Hq + 2 Hkv) * D]` QKV output, as the
+           model hands them over.
 Each variant runs under the cuDNN backend alone (an error means cuDNN refused it) and is checked against the
 math backend. Times are `triton.testing.do_bench` medians.
 
-    PYTHONPATH=$PWD python benchmarks/bench_gqa_sdpa.py --seq 8000
+    PYTHONPATH=$PWD python benchmarks/bench_gqa_sdpa.py --seq 8000 --kv-heads 8 4
 """
 from __future__ import annotations
 
@@ -49,29 +51,44 @@ def grouped(q, k, v, scale):
     return o.permute(2, 0, 1, 3).reshape(s, hq, d)
 
 
+def packed(q, k, v):
+    """q/k/v copied into one QKV buffer and returned as its column slices."""
+    s, hq, d = q.shape
+    hkv = k.shape[1]
+    qkv = torch.cat([q.reshape(s, -1), k.reshape(s, -1), v.reshape(s, -1)], dim=1)
+    return (qkv[:, :hq * d].view(s, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(s, hkv, d),
+            qkv[:, (hq + hkv) * d:].view(s, hkv, d))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[8000, 1024])
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[8])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
-    for s in args.seq:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (32, 8, 8))
-        scale = 128 ** -0.5
-        with sdpa_kernel([SDPBackend.MATH]):
-            want = repeat(q, k, v, scale).float()
-        for name, fn in (("repeat", repeat), ("gqa", gqa), ("grouped", grouped)):
-            try:
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    got = fn(q, k, v, scale).float()
-                    us = do_bench(lambda: fn(q, k, v, scale), warmup=5, rep=40) * 1e3
-                err = ((got - want).norm() / want.norm()).item()
-                row = dict(seq=s, variant=name, us=us, rel_err=err, tflops=4 * s * s / 2 * 32 * 128 / us / 1e6)
-            except RuntimeError as exc:
-                row = dict(seq=s, variant=name, error=str(exc).splitlines()[0][:160])
-            rows.append(row)
-            print(row, flush=True)
+    for hkv in args.kv_heads:
+        for s in args.seq:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       for h in (32, hkv, hkv))
+            scale = 128 ** -0.5
+            with sdpa_kernel([SDPBackend.MATH]):
+                want = repeat(q, k, v, scale).float()
+            variants = (("repeat", repeat, (q, k, v)), ("gqa", gqa, (q, k, v)), ("grouped", grouped, (q, k, v)),
+                        ("grouped-packed", grouped, packed(q, k, v)))
+            for name, fn, qkv in variants:
+                try:
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        got = fn(*qkv, scale).float()
+                        us = do_bench(lambda: fn(*qkv, scale), warmup=5, rep=40) * 1e3
+                    err = ((got - want).norm() / want.norm()).item()
+                    row = dict(seq=s, kv_heads=hkv, variant=name, us=us, rel_err=err,
+                               tflops=4 * s * s / 2 * 32 * 128 / us / 1e6)
+                except RuntimeError as exc:
+                    row = dict(seq=s, kv_heads=hkv, variant=name, error=str(exc).splitlines()[0][:160])
+                rows.append(row)
+                print(row, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

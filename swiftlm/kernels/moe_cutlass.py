@@ -31,6 +31,7 @@ __all__ = ["cutlass_moe", "cutlass_moe_supported", "group_rows"]
 
 _COMBINE_BLOCK = 1024
 _SCATTER_BLOCK = 1024
+_COUNT_BLOCK = 2048
 
 
 def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -52,7 +53,13 @@ def group_rows(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
     num_tokens, top_k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
+    if can_use_triton(x) and flat.numel():
+        # One histogram per block of pairs, added with E atomics: scatter_add_ took 23 us at 64000 pairs.
+        _count_kernel[(triton.cdiv(flat.numel(), _COUNT_BLOCK),)](flat, counts, flat.numel(), num_experts,
+                                                                  E_PAD=triton.next_power_of_2(num_experts),
+                                                                  BLOCK=_COUNT_BLOCK, num_warps=4)
+    else:
+        counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
     group_ends = torch.cumsum(counts, 0, dtype=torch.int32)
     if not can_use_triton(x):
         order = torch.argsort(flat, stable=True)
@@ -131,3 +138,14 @@ if HAS_TRITON:
             copies = tl.broadcast_to(vals[None, :], (K_PAD, BLOCK))
             tl.store(rows_ptr + rows[:, None] * stride_r + offs[None, :], copies,
                      mask=(slots < TOP_K)[:, None] & mask[None, :])
+
+    @triton.jit
+    def _count_kernel(ids_ptr, counts_ptr, n, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (block of pairs): counts[e] += how many of its pairs go to expert e."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int32)
+        hist = tl.histogram(ids, E_PAD)
+        experts = tl.arange(0, E_PAD)
+        padding = tl.maximum(tl.program_id(0) * BLOCK + BLOCK - n, 0)  # masked-off pairs were counted as expert 0
+        hist -= tl.where(experts == 0, padding, 0)
+        tl.atomic_add(counts_ptr + experts, hist, mask=(experts < E) & (hist > 0), sem="relaxed")
