@@ -346,6 +346,41 @@ def test_online_fp8_merged_layer_quantizes_within_e4m3_error() -> None:
     assert 0.02 < err < 0.05
 
 
+def test_fp8_prefill_gets_activations_quantized_by_the_norm_and_the_activation(monkeypatch) -> None:
+    """Batches past the GEMV sizes: the pre-norm projection takes e4m3 rows and scales from the fused add + RMSNorm
+    + quant kernel, the down projection from the fused SiLU-and-mul + quant kernel; nothing quantizes a 16-bit
+    activation row afterwards (per_token_quant_fp8 would be that extra pass)."""
+    from swiftlm.kernels.activation import silu_and_mul_fp8_ref
+    from swiftlm.kernels.fused_norm import fused_add_rms_norm_fp8_ref
+    from swiftlm.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    hidden, inter, rows = 128, 64, 24
+    up = MergedColumnParallelLinear(hidden, [inter, inter], False, Fp8LinearMethod(checkpoint_fp8=False),
+                                    torch.bfloat16)
+    down = RowParallelLinear(inter, hidden, False, Fp8LinearMethod(checkpoint_fp8=False), torch.bfloat16)
+    for layer in (up, down):
+        layer.weight.data.normal_(0, 0.05)
+        layer.quant_method.process_weights_after_loading(layer)
+    norm = RMSNorm(hidden, 1e-6, torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, residual = (torch.randn(rows, hidden).to(torch.bfloat16) for _ in range(2))
+    monkeypatch.setattr(quant, "per_token_quant_fp8", lambda *a: pytest.fail("a separate quantization pass ran"))
+
+    gate_up, new_residual = up.forward_pre_norm(x, residual, norm)
+    q, scale, want_residual = fused_add_rms_norm_fp8_ref(x, residual, norm.weight, norm.eps)
+    _close(gate_up, quant.fp8_gemm_ref(q, scale, up.weight, up.weight_scale, None, torch.bfloat16), torch.bfloat16)
+    torch.testing.assert_close(new_residual.float(), want_residual.float(), rtol=2 ** -7, atol=0)  # one bf16 ulp
+    first, same = up.forward_pre_norm(x, None, norm)
+    q, scale, _ = fused_add_rms_norm_fp8_ref(x, None, norm.weight, norm.eps)
+    _close(first, quant.fp8_gemm_ref(q, scale, up.weight, up.weight_scale, None, torch.bfloat16), torch.bfloat16)
+    assert same is x
+
+    out = down(gate_up, silu_mul=True)
+    q, scale = silu_and_mul_fp8_ref(gate_up)
+    _close(out, quant.fp8_gemm_ref(q, scale, down.weight, down.weight_scale, None, torch.bfloat16), torch.bfloat16)
+
+
 def test_fp8_layer_refuses_unquantized_use() -> None:
     layer = RowParallelLinear(64, 32, False, Fp8LinearMethod(checkpoint_fp8=False), torch.bfloat16)
     with pytest.raises(RuntimeError, match="process_weights_after_loading"):

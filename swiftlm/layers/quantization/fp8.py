@@ -4,15 +4,22 @@ Two ways in: compressed-tensors "FP8-dynamic" checkpoints store `weight` (e4m3 [
 ([out, 1]); online mode (`--quantization fp8`) loads the 16-bit checkpoint and quantizes each output row in
 `process_weights_after_loading`. Either way both parameters carry `output_dim=0`, so the merged QKV / gate-up
 loaders place each shard's rows and scales at the same offset.
+
+Batches that run the W8A8 GEMM (prefill) get their activations already quantized by the kernel before: the
+decoder's add + RMSNorm and the MLP's SiLU-and-mul write e4m3 rows and per-token scales instead of 16-bit rows
+that a separate pass would read back to quantize (an 8000-token Qwen3-8B prefill spent 7.7 ms in those passes).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from swiftlm.kernels.activation import silu_and_mul_fp8
+from swiftlm.kernels.fused_norm import fused_add_rms_norm_fp8
 from swiftlm.kernels.gemv import gemv, use_gemv
 from swiftlm.kernels.quant import FP8_DTYPE, fp8_linear, per_token_quant_fp8
 from swiftlm.layers.linear import GemvLinearMethod, LinearBase, set_weight_attrs
+from swiftlm.layers.norm import RMSNorm
 
 
 class Fp8LinearMethod(GemvLinearMethod):
@@ -46,6 +53,20 @@ class Fp8LinearMethod(GemvLinearMethod):
         if use_gemv(x, layer.weight):  # decode: W8A16 GEMV, the e4m3 weight streamed once, activations unquantized
             return gemv(x, layer.weight, layer.weight_scale, bias)
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def apply_pre_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_gemv(x, layer.weight) or not self.gemv_ready(layer):
+            return super().apply_pre_norm(layer, x, residual, norm, bias)
+        q, scale, new_residual = fused_add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
+        y = fp8_linear(q, layer.weight, layer.weight_scale, bias, x_scale=scale, out_dtype=x.dtype)
+        return y, new_residual if new_residual is not None else x
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if use_gemv(gate_up, layer.weight) or not self.gemv_ready(layer):
+            return super().apply_silu_mul(layer, gate_up, bias)
+        q, scale = silu_and_mul_fp8(gate_up)
+        return fp8_linear(q, layer.weight, layer.weight_scale, bias, x_scale=scale, out_dtype=gate_up.dtype)
 
     def gemv_scale(self, layer: LinearBase) -> torch.Tensor | None:
         return layer.weight_scale
