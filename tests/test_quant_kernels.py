@@ -115,12 +115,23 @@ def test_per_token_quant_kernel_matches_ref(dtype: torch.dtype, k: int) -> None:
     # GPU fp32 division may differ from IEEE by an ulp, moving a value across a rounding boundary.
     mismatched = (q.float() != q_ref.float()).float().mean().item()
     assert mismatched <= (0 if quant.TRITON_INTERPRETED else 1e-3)
-    torch.testing.assert_close(q.float() * scale, q_ref.float() * scale_ref, rtol=0.07, atol=1e-6)
+    # Such a value is one e4m3 step away (3 mantissa bits: at most 1/8 of it); nothing moves further.
+    torch.testing.assert_close(q.float() * scale, q_ref.float() * scale_ref, rtol=0.13, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # FP8 GEMM
 # ---------------------------------------------------------------------------------------------------------
+
+def _close_fp8_gemm(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """`_close` for FP8 GEMM kernels: Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (errors
+    ~3e-4 of the output's range measured on an H100), so fp32 outputs get 2e-3 on CUDA; the interpreter is
+    exact and keeps 1e-4."""
+    if dtype == torch.float32 and CUDA:
+        torch.testing.assert_close(out, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+    else:
+        _close(out, ref, dtype)
+
 
 def _fp8_operands(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     torch.manual_seed(seed)
@@ -145,7 +156,7 @@ def test_fp8_small_m_kernel_matches_ref(m: int, split_k: int | None, out_dtype: 
     out = quant.fp8_gemm_triton_small_m(a, a_scale, w, w_scale, bias, out_dtype, split_k=split_k,
                                         config={"BLOCK_N": 32, "BLOCK_K": 128})
     assert out.dtype == out_dtype
-    _close(out, ref, out_dtype)
+    _close_fp8_gemm(out, ref, out_dtype)
 
 
 @needs_kernels
@@ -155,9 +166,9 @@ def test_fp8_large_m_kernel_matches_ref(m: int, k: int, out_dtype: torch.dtype) 
     a, a_scale, w, w_scale, bias = _fp8_operands(m, 72, k)
     ref = quant.fp8_gemm_ref(a, a_scale, w, w_scale, bias, out_dtype)
     cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2} if m > 256 else None
-    _close(quant.fp8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype, config=cfg), ref, out_dtype)
-    _close(quant.fp8_gemm_triton(a, a_scale, w, w_scale, None, out_dtype, config=cfg),
-           quant.fp8_gemm_ref(a, a_scale, w, w_scale, None, out_dtype), out_dtype)
+    _close_fp8_gemm(quant.fp8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype, config=cfg), ref, out_dtype)
+    _close_fp8_gemm(quant.fp8_gemm_triton(a, a_scale, w, w_scale, None, out_dtype, config=cfg),
+                    quant.fp8_gemm_ref(a, a_scale, w, w_scale, None, out_dtype), out_dtype)
 
 
 def test_fp8_scaled_mm_path_matches_ref() -> None:
@@ -177,11 +188,12 @@ def test_fp8_dispatch_follows_thresholds(monkeypatch: pytest.MonkeyPatch) -> Non
         return quant.select_fp8_backend(torch.empty(m, 64, dtype=FP8, device=DEVICE), w, out_dtype)
 
     if quant.can_use_triton(w):
-        big = "scaled_mm" if not CUDA or torch.cuda.get_device_capability() >= (8, 9) else "triton_large"
+        # Row-wise _scaled_mm runs on sm89+ CUDA only; on CPU (interpreter) large batches stay on Triton.
+        big = "scaled_mm" if CUDA and torch.cuda.get_device_capability() >= (8, 9) else "triton_large"
         assert [pick(m) for m in (1, 8, 9, 64, 65)] == ["triton_small"] * 2 + ["triton_large"] * 2 + [big]
         assert pick(4096, torch.float16) == "triton_large"  # row-wise _scaled_mm only writes bf16
     else:
-        assert pick(1) == "scaled_mm" and pick(1, torch.float32) == "torch"
+        assert pick(1) == "torch" and pick(1, torch.float32) == "torch"
     with pytest.raises(ValueError, match="unknown fp8 gemm backend"):
         quant.fp8_gemm(torch.empty(1, 64, dtype=FP8), torch.ones(1, 1), w.cpu(), torch.ones(32, 1), backend="cutlass")
 

@@ -374,12 +374,11 @@ def fp8_gemm_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, 
 
 
 def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Row-wise _scaled_mm needs bf16 output, K and N multiples of 16, and sm89+ on CUDA."""
-    if out_dtype != torch.bfloat16 or a.shape[1] % 16 or w.shape[0] % 16:
+    """Row-wise _scaled_mm needs bf16 output, K and N multiples of 16, and sm89+ CUDA (CPU builds take only
+    per-tensor scales in some torch versions, e.g. 2.11, so CPU runs the reference)."""
+    if out_dtype != torch.bfloat16 or a.shape[1] % 16 or w.shape[0] % 16 or not a.is_cuda:
         return False
-    if a.is_cuda:
-        return _capability(a.device.index if a.device.index is not None else torch.cuda.current_device()) >= (8, 9)
-    return hasattr(torch, "_scaled_mm")
+    return _capability(a.device.index if a.device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
