@@ -301,12 +301,8 @@ CUTLASS_DTYPES = [torch.bfloat16] if CUDA else [torch.float32, torch.bfloat16]  
 @pytest.mark.parametrize("dtype", CUTLASS_DTYPES)
 @pytest.mark.parametrize("tokens,num_experts,top_k,hot", [(1, 4, 2, None), (37, 8, 3, None),
                                                           (40, 16, 4, [3, 9, 12, 14])])
-@pytest.mark.parametrize("scatter", [False, True])
-def test_cutlass_matches_reference(tokens, num_experts, top_k, hot, dtype, scatter, monkeypatch) -> None:
-    """torch's grouped GEMM on expert-grouped rows (sorted, or scattered as large batches are), including
-    experts with no rows (`hot` leaves 12 empty)."""
-    if scatter:
-        monkeypatch.setattr(moe_cutlass, "SCATTER_MIN_PAIRS", 0)
+def test_cutlass_matches_reference(tokens, num_experts, top_k, hot, dtype) -> None:
+    """torch's grouped GEMM on expert-sorted rows, including experts with no rows (`hot` leaves 12 empty)."""
     w13, w2 = experts(num_experts, 32, 16, dtype)
     weights, ids = routing(tokens, num_experts, top_k, hot=hot)
     x = activations(tokens, 32, dtype)
@@ -314,15 +310,13 @@ def test_cutlass_matches_reference(tokens, num_experts, top_k, hot, dtype, scatt
     _check(out, fm.fused_moe_ref(x, w13, w2, weights, ids), dtype)
 
 
-@pytest.mark.parametrize("path", [pytest.param("scatter", marks=needs_kernels), "sort", "no-triton"])
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernels), False])
 @pytest.mark.parametrize("top_k", [2, 3])
-def test_group_rows_puts_each_pair_in_its_experts_group(top_k, path, monkeypatch) -> None:
+def test_group_rows_puts_each_pair_in_its_experts_group(top_k, kernel, monkeypatch) -> None:
     """Every (token, slot) pair's row is x's row, inside its expert's group; groups are contiguous and sized by
-    the routing (expert 4 gets none). Row order inside a group is free on the scatter kernel (rows claimed
-    atomically); small batches and builds without Triton group them with a stable sort."""
-    if path == "scatter":
-        monkeypatch.setattr(moe_cutlass, "SCATTER_MIN_PAIRS", 0)
-    if path == "no-triton":
+    the routing (expert 4 gets none). Row order inside a group is free (the GPU claims rows atomically); without
+    Triton a stable sort groups them."""
+    if not kernel:
         monkeypatch.setattr(moe_cutlass, "can_use_triton", lambda t: False)
     num_tokens, num_experts = 9, 5
     ids = torch.stack([torch.randperm(4)[:top_k] for _ in range(num_tokens)]).to(DEVICE)

@@ -8,10 +8,10 @@ a weighted combine after. A forward is
     group the T*k (token, slot) pairs by expert, copying x rows to their group's slots     -> [T*k, H]
     GEMM1 (per-expert row groups, w13[e].T)              -> SiLU(gate) * up                  -> [T*k, I]
     GEMM2 (w2[e].T)                                      -> per token: sum_k weight * row    -> [T, H]
-Nothing here syncs with the host: group ends are a device cumsum. For large batches one kernel per token claims
-a row in each of its experts' groups (an atomic cursor per expert) and writes x's row there, so the grouping
-costs one read of x and one write of the rows instead of a sort plus a gather (an 8000-token prefill: 134 us
-against 220 us per layer); smaller batches keep the sort, which is faster there. The order of rows inside a group then varies from run to run, which changes no result: each GEMM row
+Nothing here syncs with the host: group ends are a device cumsum. On the GPU one kernel per token claims a row
+in each of its experts' groups (an atomic cursor per expert) and writes x's row there, so the grouping costs one
+read of x and one write of the rows instead of a sort plus a gather (an 8000-token prefill: 56 + 170 us per
+layer). The order of rows inside a group then varies from run to run, which changes no result: each GEMM row
 depends only on its own input row. The combine sums each token's k rows in fp32 in slot order, so a token's
 output does not depend on the rest of the batch. 16-bit weights only (torch's
 grouped GEMM is bf16 on CUDA); FP8 experts keep the Triton paths.
@@ -31,9 +31,6 @@ __all__ = ["cutlass_moe", "cutlass_moe_supported", "group_rows"]
 
 _COMBINE_BLOCK = 1024
 _SCATTER_BLOCK = 1024
-# From this many pairs the scatter kernel groups rows faster than a stable sort plus a gather (H100, Qwen3-30B-A3B
-# rows: 134 against 220 us at 64000 pairs, but 74 against 46 us at 4096 and 94 against 87 at 16384).
-SCATTER_MIN_PAIRS = 16385
 _COUNT_BLOCK = 2048
 
 
@@ -52,8 +49,7 @@ def cutlass_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
 def group_rows(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, position, group_ends): `rows [T*k, H]` copies of x's rows grouped by expert, `position [T*k]` the
-    row of pair `t * k + slot`, `group_ends [E]` int32 cumulative row counts (the grouped GEMM's `offs`). Rows
-    keep pair order inside a group, except on the scatter kernel (`SCATTER_MIN_PAIRS` pairs and up)."""
+    row of pair `t * k + slot`, `group_ends [E]` int32 cumulative row counts (the grouped GEMM's `offs`)."""
     num_tokens, top_k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
@@ -65,7 +61,7 @@ def group_rows(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
     else:
         counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
     group_ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    if not can_use_triton(x) or flat.numel() < SCATTER_MIN_PAIRS:
+    if not can_use_triton(x):
         order = torch.argsort(flat, stable=True)
         position = torch.empty_like(order)
         position.scatter_(0, order, torch.arange(order.numel(), device=order.device))
