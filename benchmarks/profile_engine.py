@@ -1,8 +1,9 @@
 """Where a step's time goes, for batch-1 decode, 512- and 8000-token prefills and the offline throughput workload.
 
 Times engine phases (schedule / model runner / output processing) by wrapping them, and the GPU time of
-one bs=1 decode graph replay with CUDA events (also recaptured with programmatic dependent launch flipped), then prints a torch.profiler table per case (GPU kernels for the
-decode graph and the 8000-token prefill, host and GPU for the 512-token one).
+one bs=1 decode graph replay with CUDA events (also recaptured with programmatic dependent launch flipped),
+then prints a torch.profiler table per case (GPU kernels for the decode graph and the 8000-token prefill,
+host and GPU for the 512-token one).
 
     PYTHONPATH=$PWD python benchmarks/profile_engine.py --model benchmarks/models/qwen3-8b
 """
@@ -87,9 +88,10 @@ def main() -> None:
     engine.add_request("d", ids(512), greedy)
     engine.step()
     replay_ms = graph_ms(runner.graphs[1])
-    set_pdl(not use_pdl(torch.empty(0, device="cuda")))
+    pdl = use_pdl(torch.empty(0, device="cuda"))
+    set_pdl(not pdl)
     flipped = graph_ms(decode_graph(runner, 1))
-    set_pdl(not use_pdl(torch.empty(0, device="cuda")))
+    set_pdl(pdl)
     print(f"bs=1 decode graph replay, programmatic dependent launch as configured: {replay_ms:.3f} ms GPU; "
           f"flipped: {flipped:.3f} ms")
     PHASES.clear()
