@@ -11,10 +11,10 @@ a weighted combine after. A forward is
 Nothing here syncs with the host: group ends are a device cumsum. On the GPU one kernel per token claims a row
 in each of its experts' groups (an atomic cursor per expert) and writes x's row there, so the grouping costs one
 read of x and one write of the rows instead of a sort plus a gather (H100, 8000 tokens of Qwen3-30B-A3B: 134
-against 220 us per layer). The order of rows inside a group then varies from run to run, which changes no result: each GEMM row
-depends only on its own input row. The combine sums each token's k rows in fp32 in slot order, so a token's
-output does not depend on the rest of the batch. 16-bit weights only (torch's
-grouped GEMM is bf16 on CUDA); FP8 experts keep the Triton paths.
+against 220 us per layer). The order of rows inside a group then varies from run to run, which changes no
+result: each GEMM row depends only on its own input row. The combine sums each token's k rows in fp32 in slot
+order, so a token's output does not depend on the rest of the batch. 16-bit weights only (torch's grouped GEMM
+is bf16 on CUDA); FP8 experts keep the Triton paths.
 """
 from __future__ import annotations
 
