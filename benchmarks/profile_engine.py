@@ -132,35 +132,64 @@ def main() -> None:
 
 
 def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) -> None:
-    """Offline num_prompts x (1024 in / 256 out): wall time, step mix, wall seconds per step kind, engine phases."""
+    """Offline num_prompts x (1024 in / 256 out): wall time, step mix, wall and GPU seconds per step kind (GPU:
+    CUDA events around the model runner, so wall - GPU is the host time the GPU sat idle), engine phases, and
+    the GPU kernels of one mixed step (the 5th) and one decode step (the 100th)."""
     engine = llm.engine
+    runner = engine.model_runner
     PHASES.clear()
     steps: collections.Counter = collections.Counter()
     seconds: collections.Counter = collections.Counter()
+    gpu: collections.Counter = collections.Counter()
     kind = [""]
-    orig_schedule, orig_step = engine.scheduler.schedule, engine.step
+    events: list[torch.cuda.Event] = []
+    profiling: list[profile] = []
+    orig_schedule, orig_step, orig_execute = engine.scheduler.schedule, engine.step, runner.execute
 
     def count(*a, **k):
         out = orig_schedule(*a, **k)
         kind[0] = "decode" if out.decode_only else "mixed"
         steps[kind[0]] += 1
         steps["tokens"] += out.num_tokens
+        if steps[kind[0]] == {"mixed": 5, "decode": 100}[kind[0]]:
+            profiling.append(profile(activities=[ProfilerActivity.CUDA]))
+            profiling[0].__enter__()
+        return out
+
+    def execute(*a, **k):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = orig_execute(*a, **k)
+        end.record()
+        events[:] = [start, end]
         return out
 
     def step(*a, **k):
         t0 = time.perf_counter()
+        events.clear()
         try:
             return orig_step(*a, **k)
         finally:
+            if profiling:
+                torch.cuda.synchronize()
+                prof = profiling.pop()
+                prof.__exit__(None, None, None)
+                print(f"throughput run, {kind[0]} step {steps[kind[0]]}, GPU kernels:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
             seconds[kind[0]] += time.perf_counter() - t0
+            if events:
+                events[1].synchronize()
+                gpu[kind[0]] += events[0].elapsed_time(events[1]) / 1e3
     engine.scheduler.schedule = count
     engine.step = step
+    runner.execute = execute
     t = time.perf_counter()
     llm.generate([ids(1024) for _ in range(num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
                                                                       temperature=0.0), use_tqdm=False)
     total = time.perf_counter() - t
     print(f"throughput run: {total:.2f} s, {num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
           f"step wall s by kind: {', '.join(f'{k} {v:.2f}' for k, v in seconds.items())}; "
+          f"GPU s (runner start to sampler end) by kind: {', '.join(f'{k} {v:.2f}' for k, v in gpu.items())}; "
           "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
 
 

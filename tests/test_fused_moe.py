@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 from swiftlm.kernels import fused_moe as fm  # noqa: E402
 from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
 from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref  # noqa: E402
-from swiftlm.kernels.gemv import split_counters  # noqa: E402
+from swiftlm.kernels.triton_support import split_counters  # noqa: E402
 from swiftlm.kernels import moe_cutlass  # noqa: E402
 from swiftlm.kernels.moe_cutlass import group_rows  # noqa: E402
 from swiftlm.layers.moe import FusedMoE  # noqa: E402

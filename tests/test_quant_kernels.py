@@ -497,7 +497,7 @@ def test_awq_and_online_fp8_configs() -> None:
 def test_awq_gemv_split_k_is_deterministic_and_resets_counters() -> None:
     """K splits of whole groups, ragged last column tile: the in-kernel fix-up gives the same bits every call and
     leaves the shared split-K counters zeroed for the next launch (CUDA-graph replays rely on it)."""
-    from swiftlm.kernels.gemv import split_counters
+    from swiftlm.kernels.triton_support import split_counters
     x, qweight, qzeros, scales, bias = _awq_operands(2, 512, 264, 64, torch.float16)
     cfg = {"BLOCK_P": 16, "BLOCK_K": 16}
     first = awq.awq_gemv_triton(x, qweight, qzeros, scales, 64, bias, split_k=4, config=cfg)

@@ -37,6 +37,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def _leading_decodes(batch: SchedulerOutput) -> int:
+    """How many leading scheduled sequences take one new token; the scheduler puts running decodes first."""
+    count = 0
+    for item in batch.scheduled:
+        if item.num_new_tokens != 1:
+            break
+        count += 1
+    return count
+
+
 @dataclass
 class _Segments:
     """Offsets of each field inside the packed int32 step buffer."""
@@ -195,11 +205,13 @@ class ModelRunner:
         """[1] on the device: how many leading tokens of the step belong to a sequence (the rest pad a graph)."""
         return self.dev_buf[self.seg.num_real_tokens: self.seg.num_real_tokens + 1]
 
-    def _pack(self, batch: SchedulerOutput, rows: int, pad_tokens_to: int | None = None) -> tuple[int, int, list[int]]:
+    def _pack(self, batch: SchedulerOutput, rows: int, pad_tokens_to: int | None = None,
+              num_decodes: int = 0) -> tuple[int, int, list[int]]:
         """Fill the host buffer; returns (tokens, max query length, indices of sampling rows).
 
         `pad_tokens_to` pads the flat token list (prefill graphs): padding tokens belong to no sequence and
-        write their K/V into the reserved block.
+        write their K/V into the reserved block. The query offsets start after the first `num_decodes` rows
+        (see `AttentionMetadata.num_decodes`).
         """
         s, h, bs = self.seg, self.host_np, self.block_size
         t = 0
@@ -224,7 +236,8 @@ class ModelRunner:
                 max_q = max(max_q, n)
             t += n
             h[s.seq_lens + i] = start + n
-            h[s.cu_q + i + 1] = t
+            if i >= num_decodes:
+                h[s.cu_q + i - num_decodes + 1] = t - num_decodes
             if item.samples:
                 h[s.logits_idx + len(sample_rows)] = t - 1
                 sample_rows.append(i)
@@ -253,7 +266,9 @@ class ModelRunner:
         graph_bs = self._graph_size(num_rows) if batch.decode_only else None
         prefill_graph = None if batch.decode_only else self._prefill_graph_size(batch)
         rows = graph_bs or num_rows
-        tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph)
+        eager_mixed = graph_bs is None and prefill_graph is None and not batch.decode_only
+        num_decodes = _leading_decodes(batch) if eager_mixed else 0
+        tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph, num_decodes=num_decodes)
         self._upload(rows)
         if graph_bs is not None:
             self.graphs[graph_bs].replay()
@@ -263,10 +278,11 @@ class ModelRunner:
             logits = self.logits_buf[:1]
         else:
             ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
-            fresh = None if batch.decode_only or any(i.seq.num_computed_tokens for i in batch.scheduled) else [
-                i.num_new_tokens for i in batch.scheduled]
-            meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q, max_q,
-                                     fresh_prefill_lens=fresh)
+            prompts = batch.scheduled[num_decodes:]
+            fresh = None if batch.decode_only or any(i.seq.num_computed_tokens for i in prompts) else [
+                i.num_new_tokens for i in prompts]
+            meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q[
+                : rows - num_decodes + 1], max_q, num_decodes=num_decodes, fresh_prefill_lens=fresh)
             with forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[logits_idx[: len(sample_rows)]])

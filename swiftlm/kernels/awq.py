@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from swiftlm.kernels.gemv import split_counters
+from swiftlm.kernels.triton_support import split_counters
 from swiftlm.kernels.quant import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, choose_split_k,
                                    next_power_of_2, num_sms, reduce_split_k)
 

@@ -26,7 +26,7 @@ from swiftlm.kernels.activation import silu_and_mul_ref
 from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref, rms_norm_ref
 from swiftlm.kernels.quant import (FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv,
                                    next_power_of_2, num_sms)
-from swiftlm.kernels.triton_support import use_pdl
+from swiftlm.kernels.triton_support import split_counters, use_pdl
 
 if HAS_TRITON:
     import triton
@@ -191,21 +191,6 @@ def auto_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
     while tiles * split < 4 * sms and k >= 4 * split * block_k:
         split *= 2
     return split
-
-
-# Split-K arrival counters, one int32 per column tile, zero between launches (each launch's last arrivals reset
-# theirs). Buffers are never freed: a captured CUDA graph keeps using the one it was captured with. Launches that
-# share a device must not overlap in time (one stream), as they share counters (the AWQ GEMV uses them too).
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-_MIN_COUNTERS = 1 << 14
-
-
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zeroed counter buffer for `device` with at least `tiles` slots (allocated on first need, then reused)."""
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < tiles:
-        buffers.append(torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device))
-    return buffers[-1]
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,

@@ -74,3 +74,20 @@ if HAS_TRITON:
         """Under PDL, let the next kernel in the stream start launching (it still waits for this one's writes)."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+
+# Arrival counters for kernels whose last-arriving program finishes a reduction (split-K GEMVs, the MoE gate's
+# routing, split decode attention): one int32 per reduction, zero between launches (each launch's last arrivals
+# reset theirs). Buffers are never freed: a captured CUDA graph keeps using the one it was captured with. Launches
+# on a device must not overlap in time (one stream; a PDL launch touches them only after `wait_for_inputs`), as
+# they share the counters.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_MIN_COUNTERS = 1 << 14
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed counter buffer for `device` with at least `tiles` slots (allocated on first need, then reused)."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]

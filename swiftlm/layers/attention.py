@@ -2,8 +2,9 @@
 
 The model runner publishes one `AttentionMetadata` per forward through `forward_context`; every layer reads it,
 so model code stays free of batching details. Decode-only steps use the split-K decode kernel (and are what
-CUDA graphs capture); steps with any prefill tokens use the varlen prefill kernel, where a decode is a query
-of length one.
+CUDA graphs capture). Mixed steps (running decodes plus prompt chunks, the bulk of offline throughput) send their
+leading one-token rows to the same decode kernel and only the prompt rows to prefill attention: a prefill kernel
+given a one-row query tile wastes all but one row of every tile it loads.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ _SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBac
 
 
 def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
-                            scale: float) -> torch.Tensor:
+                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, straight on their new q `[T, Hq, D]` and k/v
     `[T, Hkv, D]` (sequences back to back, `lens` tokens each) with SDPA, one call per sequence.
 
@@ -31,7 +32,8 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     with stride 0, all views of the QKV projection's output; cuDNN takes these strides as they are. On the
     H100 that beat repeating k/v to every query head by 20% at 8000 tokens and 40% at 1024
     (`benchmarks/bench_gqa_sdpa.py`, output reshape included). The output is reshaped back to token-major
-    `[T, Hq, D]`: a view when the backend returns q's layout."""
+    `[T, Hq, D]`: a view when the backend returns q's layout, so one sequence without `out` costs no copy.
+    With `out` ([T, Hq, D]) each sequence's result is written into its rows there."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -41,9 +43,14 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         qi = q[start:start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         ki = k[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
         vi = v[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-        outs.append(oi.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim))
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).permute(2, 0, 1, 3)
+        if out is not None:
+            out[start:start + n].view(n, num_kv_heads, group, head_dim).copy_(oi)
+        else:
+            outs.append(oi.reshape(n, num_heads, head_dim))
         start += n
+    if out is not None:
+        return out
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -52,10 +59,12 @@ class AttentionMetadata:
     """Batch layout for one forward. Tensors live on the model's device.
 
     slot_mapping: [T] cache slot of each new token. block_tables: [B, max_blocks] int32. seq_lens: [B] int32,
-    tokens in the cache per sequence after this step. cu_seqlens_q: [B+1] int32 offsets of each sequence's new
-    tokens (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
-    prompt lengths when every sequence starts at position 0 (no cached prefix), which lets the GPU use cuDNN
-    attention on the new K/V directly. padded_tokens: the flat batch ends with tokens of no sequence (prefill
+    tokens in the cache per sequence after this step. num_decodes: on steps with prefill tokens, how many
+    leading sequences have exactly one new token (tokens 0..num_decodes-1); they run the decode kernel.
+    cu_seqlens_q: [B-num_decodes+1] int32 offsets of the other sequences' new tokens, counted from token
+    num_decodes (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
+    prompt lengths of those other sequences when each starts at position 0 (no cached prefix), which lets the
+    GPU use cuDNN attention on the new K/V directly. padded_tokens: the flat batch ends with tokens of no sequence (prefill
     CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
     num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
     prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
@@ -66,6 +75,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
+    num_decodes: int = 0
     decode_num_splits: int | None = None
     fresh_prefill_lens: list[int] | None = None
     padded_tokens: bool = False
@@ -133,20 +143,37 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already in the cache) -> [T, Hq, D]."""
         meta = get_forward_context()
-        scales = self._cache_scales()
         if meta.decode_only:
-            if q.is_cuda:
-                return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                      meta.seq_lens, self.scale, meta.decode_num_splits, **scales)
-            return kernels.paged_decode_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                      meta.seq_lens, self.scale, **scales)
-        if q.is_cuda and meta.fresh_prefill_lens is not None:
-            return self._fresh_prefill(q, k, v, meta.fresh_prefill_lens)
-        fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if meta.padded_tokens else None
-        return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                  meta.max_seqlen_q, out, **scales)
+            return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_num_splits)
+        d = meta.num_decodes
+        out = None
+        if meta.padded_tokens or d:
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if meta.padded_tokens else torch.empty(
+                q.shape, dtype=q.dtype, device=q.device)
+        if d:
+            self._decode(q[:d], meta.block_tables[:d], meta.seq_lens[:d], None, out[:d])
+            if d == q.shape[0]:
+                return out
+        if out is None:
+            return self._prefill(q, k, v, meta, None)
+        self._prefill(q[d:], k[d:], v[d:], meta, out[d:])
+        return out
 
-    def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
-        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-            return fresh_prefill_attention(q, k, v, lens, self.scale)
+    def _decode(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        if q.is_cuda:
+            return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, block_tables, seq_lens, self.scale,
+                                                  num_splits, out, **self._cache_scales())
+        return kernels.paged_decode_attention_ref(q, self.k_cache, self.v_cache, block_tables, seq_lens, self.scale,
+                                                  out, **self._cache_scales())
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        """The prompt rows (those after the step's decodes): cuDNN on fresh prompts, else the paged kernel."""
+        d = meta.num_decodes
+        if q.is_cuda and meta.fresh_prefill_lens is not None:
+            with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+                return fresh_prefill_attention(q, k, v, meta.fresh_prefill_lens, self.scale, out)
+        fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
+        return fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.cu_seqlens_q, meta.seq_lens[d:],
+                  self.scale, meta.max_seqlen_q, out, **self._cache_scales())
