@@ -8,8 +8,10 @@
 #               profile of Qwen3-8B FP8;
 #   throughput: the full bench_engine runs (throughput included) of Qwen3-8B bf16 (first: on a fresh machine its
 #               start-up is the cold-Triton-cache figure) and Qwen3-30B-A3B bf16 (with the concurrency sweep), and
-#               Qwen3-8B FP8 without the throughput run.
-# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput OUT_DIR
+#               Qwen3-8B FP8 without the throughput run;
+#   attention:  the attention kernel tests and GPU engine tests on CUDA, the Qwen3-8B profile with its throughput
+#               run (GPU vs wall time per step kind), then Qwen3-30B-A3B bench_engine without the throughput run.
+# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput|attention OUT_DIR
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -47,6 +49,13 @@ case "$part" in
     bench qwen3-8b --model $dense
     bench qwen3-8b-fp8 --model $dense --skip-throughput --quantization fp8
     bench qwen3-30b-a3b --model $moe --concurrency 1 2 4 8 16 32 64
+    ;;
+  attention)
+    python3 -m pytest -q tests/test_attention_kernels.py 2>&1 | tail -3 | tee "$out/attention_tests.txt"
+    python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+    python3 benchmarks/profile_engine.py --model $dense > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
+    grep -E "^bs=1|^prefill [0-9]|^throughput" "$out/profile_qwen3-8b_h100_$commit.txt"
+    bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
