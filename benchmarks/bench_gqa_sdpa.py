@@ -11,11 +11,15 @@ Each variant runs under the cuDNN backend alone (an error means cuDNN refused it
 math backend. Times are `triton.testing.do_bench` medians.
 
     PYTHONPATH=$PWD python benchmarks/bench_gqa_sdpa.py --seq 8000 --kv-heads 8 4
+
+`--cold N` instead times the grouped variant on N prompt lengths never seen before in the process (the first call
+of a shape builds cuDNN's execution plan) against a repeat call of the same length, wall clock with a sync.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +64,37 @@ def packed(q, k, v):
             qkv[:, (hq + hkv) * d:].view(s, hkv, d))
 
 
+def cold_calls(num_lengths: int, base: int, hkv: int) -> list[dict]:
+    """First and second call (ms, wall with sync) of cuDNN grouped attention for `num_lengths` new lengths."""
+    rows = []
+    for s in range(base, base + num_lengths):
+        q, k, v = (torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16) for h in (32, hkv, hkv))
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                grouped(q, k, v, 128 ** -0.5)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        rows.append(dict(seq=s, kv_heads=hkv, variant="grouped cold", first_ms=times[0], second_ms=times[1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[8000, 1024])
     ap.add_argument("--kv-heads", type=int, nargs="+", default=[8])
+    ap.add_argument("--cold", type=int, default=0, help="time first calls on this many new lengths instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
+    if args.cold:
+        for hkv in args.kv_heads:
+            for s in args.seq:
+                rows += cold_calls(args.cold, s, hkv)
+        args.seq = []
     for hkv in args.kv_heads:
         for s in args.seq:
             gen = torch.Generator(device="cuda").manual_seed(0)

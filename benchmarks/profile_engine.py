@@ -144,6 +144,7 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
     kind = [""]
     events: list[torch.cuda.Event] = []
     profiling: list[profile] = []
+    mixed_log: list[str] = []  # per mixed step: one-token rows + prompt tokens, GPU ms
     orig_schedule, orig_step, orig_execute = engine.scheduler.schedule, engine.step, runner.execute
 
     def count(*a, **k):
@@ -151,6 +152,9 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
         kind[0] = "decode" if out.decode_only else "mixed"
         steps[kind[0]] += 1
         steps["tokens"] += out.num_tokens
+        if kind[0] == "mixed":
+            ones = sum(1 for item in out.scheduled if item.num_new_tokens == 1)
+            mixed_log.append(f"{ones}+{out.num_tokens - ones}")
         if steps[kind[0]] == {"mixed": 5, "decode": 100}[kind[0]]:
             profiling.append(profile(activities=[ProfilerActivity.CUDA]))
             profiling[0].__enter__()
@@ -179,7 +183,10 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
             seconds[kind[0]] += time.perf_counter() - t0
             if events:
                 events[1].synchronize()
-                gpu[kind[0]] += events[0].elapsed_time(events[1]) / 1e3
+                ms = events[0].elapsed_time(events[1])
+                gpu[kind[0]] += ms / 1e3
+                if kind[0] == "mixed":
+                    mixed_log[-1] += f":{ms:.0f}"
     engine.scheduler.schedule = count
     engine.step = step
     runner.execute = execute
@@ -191,6 +198,7 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
           f"step wall s by kind: {', '.join(f'{k} {v:.2f}' for k, v in seconds.items())}; "
           f"GPU s (runner start to sampler end) by kind: {', '.join(f'{k} {v:.2f}' for k, v in gpu.items())}; "
           "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
+    print("mixed steps (one-token rows + prompt tokens: GPU ms): " + " ".join(mixed_log))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator, cdiv
-from swiftlm.engine.scheduler import SchedulerOutput
+from swiftlm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from swiftlm.layers.attention import AttentionMetadata, forward_context
 from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
 from swiftlm.models import get_model_class
@@ -45,6 +45,14 @@ def _leading_decodes(batch: SchedulerOutput) -> int:
             break
         count += 1
     return count
+
+
+def _fresh_tail(prompts: list[ScheduledSeq]) -> list[int] | None:
+    """New-token counts of the trailing prompts that start at position 0 (waiting requests come last)."""
+    start = len(prompts)
+    while start and prompts[start - 1].seq.num_computed_tokens == 0:
+        start -= 1
+    return [item.num_new_tokens for item in prompts[start:]] or None
 
 
 @dataclass
@@ -278,9 +286,7 @@ class ModelRunner:
             logits = self.logits_buf[:1]
         else:
             ids, pos, slots, seq_lens, cu_q, logits_idx, bt = self._views(rows, tokens)
-            prompts = batch.scheduled[num_decodes:]
-            fresh = None if batch.decode_only or any(i.seq.num_computed_tokens for i in prompts) else [
-                i.num_new_tokens for i in prompts]
+            fresh = None if batch.decode_only else _fresh_tail(batch.scheduled[num_decodes:])
             meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q[
                 : rows - num_decodes + 1], max_q, num_decodes=num_decodes, fresh_prefill_lens=fresh)
             with forward_context(meta):

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, split_counters, use_pdl
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
@@ -38,7 +38,7 @@ _LOG2E = 1.4426950408889634
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Split-K heuristic: aim for about two programs per SM, but give each split at least this many tokens of
-# context capacity and never more than _MAX_SPLITS splits (the merging program holds a head's splits in registers).
+# context capacity and never more than _MAX_SPLITS splits (the merge kernel holds all splits in registers).
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when not on CUDA (interpreter) so choices match the GPU.
@@ -153,35 +153,27 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
         qk_scale, v_scale,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_btb,
-        stride_ob, stride_oh,
-        stride_pb, stride_ph, stride_ps,
+        stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
-        to this split's tiles. Splits partition whole tiles of the *device-side* seq_len; splits left without a
-        tile exit at once. With one working split the result is written straight to `out`; otherwise each
-        split parks its partial and log2-sum-exp, and the last to arrive (a per-(sequence, kv head) atomic
-        counter, reset for the next launch) merges them, which saves a second launch and its wait."""
+        to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
+        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         wait_for_inputs(PDL)
         seq_len = tl.load(seq_lens_ptr + b)
-        num_tiles = tl.cdiv(seq_len, BLOCK_N)
-        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
-        active = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # seq_len 0: split 0 writes zeros
-        if split >= active:
-            release_dependents(PDL)
-            return
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -220,30 +212,39 @@ if HAS_TRITON:
 
         release_dependents(PDL)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc * (v_scale / l_safe)[:, None]
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        if active == 1:
-            o = acc * (v_scale / l_safe)[:, None]
+        if DIRECT:
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:
-            p_head = part_ptr + b * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
-            l_head = lse_ptr + b * stride_lb + heads * stride_lh
-            tl.store(p_head + split * stride_ps, acc / l_safe[:, None], mask=g_mask[:, None])
-            tl.store(l_head + split, m_i + tl.log2(l_safe), mask=g_mask)
-            tl.debug_barrier()  # every thread's partial is written before the (releasing) arrival below
-            counter = cnt_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == active - 1:
-                offs_s = tl.arange(0, SPLITS_PAD)
-                s_mask = offs_s < active
-                for g in tl.static_range(GROUP):
-                    h = kvh * GROUP + g
-                    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask,
-                                  other=float("-inf"), cache_modifier=".cg")
-                    w = tl.exp2(lse - tl.max(lse, 0))
-                    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
-                                    + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
-                    o = tl.sum(parts * w[:, None], 0) * (v_scale / tl.sum(w, 0))
-                    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
-                tl.store(counter, 0)  # ready for the next launch / graph replay
+            tl.store(o_ptrs + split * stride_os, o, mask=g_mask[:, None])
+            # Empty split: m_i = -inf and l_safe = 1, so lse = -inf and the merge gives it zero weight.
+            tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
+
+    @triton.jit(do_not_specialize=["num_splits"])
+    def _decode_merge_kernel(
+        part_ptr, lse_ptr, out_ptr,
+        stride_pb, stride_ph, stride_ps,
+        stride_lb, stride_lh,
+        stride_ob, stride_oh, num_splits,
+        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_mask = offs_s < num_splits
+        wait_for_inputs(PDL)
+        release_dependents(PDL)
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        denom = tl.sum(w, 0)
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _prefill_tile(
@@ -425,21 +426,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qk_scale = scale * _LOG2E * k_mult
     # num_splits is a run-time argument (not specialized) so every batch size's graph shares one compiled kernel.
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                  BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
-                  IN_DTYPE=_TL_DTYPES[q.dtype],
+                  BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype],
                   DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
                   PDL=pdl, launch_pdl=pdl)
     grid = (batch, num_kv_heads, num_splits)
-    if num_splits == 1:  # never merges: the partial, lse and counter pointers are placeholders
-        partial, lse, counters = out, out, out
-    else:
-        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = split_counters(q.device, batch * num_kv_heads)
-    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, partial, lse, counters,
-                               qk_scale, v_mult, q.stride(0), q.stride(1), *k_cache.stride()[:3],
-                               *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
-                               *partial.stride()[:3], lse.stride(0), lse.stride(1), num_splits, **common)
+    cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
+    if num_splits == 1:
+        _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
+                                   q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,
+                                   0, 0, 1, DIRECT=True, **common)
+        return out
+    partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, qk_scale, v_mult,
+                               q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
+                               lse.stride(0), lse.stride(1), num_splits, DIRECT=False, **common)
+    _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+                                             out.stride(0), out.stride(1), num_splits,
+                                             SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+                                             HEAD_DIM=head_dim, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -77,10 +77,9 @@ if HAS_TRITON:
 
 
 # Arrival counters for kernels whose last-arriving program finishes a reduction (split-K GEMVs, the MoE gate's
-# routing, split decode attention): one int32 per reduction, zero between launches (each launch's last arrivals
-# reset theirs). Buffers are never freed: a captured CUDA graph keeps using the one it was captured with. Launches
-# on a device must not overlap in time (one stream; a PDL launch touches them only after `wait_for_inputs`), as
-# they share the counters.
+# routing): one int32 per reduction, zero between launches (each launch's last arrivals reset theirs). Buffers
+# are never freed: a captured CUDA graph keeps using the one it was captured with. Launches on a device must not
+# overlap in time (one stream; a PDL launch touches them only after `wait_for_inputs`), as they share them.
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 _MIN_COUNTERS = 1 << 14
 

@@ -63,8 +63,8 @@ class AttentionMetadata:
     leading sequences have exactly one new token (tokens 0..num_decodes-1); they run the decode kernel.
     cu_seqlens_q: [B-num_decodes+1] int32 offsets of the other sequences' new tokens, counted from token
     num_decodes (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
-    prompt lengths of those other sequences when each starts at position 0 (no cached prefix), which lets the
-    GPU use cuDNN attention on the new K/V directly. padded_tokens: the flat batch ends with tokens of no sequence (prefill
+    lengths of the trailing sequences that start at position 0 (no cached prefix), which lets the GPU run cuDNN
+    attention on their new K/V directly; the sequences between the decodes and those use the paged kernel. padded_tokens: the flat batch ends with tokens of no sequence (prefill
     CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
     num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
     prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
@@ -169,11 +169,24 @@ class Attention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  out: torch.Tensor | None) -> torch.Tensor:
-        """The prompt rows (those after the step's decodes): cuDNN on fresh prompts, else the paged kernel."""
-        d = meta.num_decodes
-        if q.is_cuda and meta.fresh_prefill_lens is not None:
+        """The prompt rows (those after the step's decodes): prompts continuing a cached prefix through the
+        paged kernel, then the trailing fresh prompts through cuDNN."""
+        fresh = meta.fresh_prefill_lens if q.is_cuda else None
+        paged_tokens = q.shape[0] - (sum(fresh) if fresh else 0)
+        if fresh and paged_tokens == 0:
             with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-                return fresh_prefill_attention(q, k, v, meta.fresh_prefill_lens, self.scale, out)
+                return fresh_prefill_attention(q, k, v, fresh, self.scale, out)
+        if fresh and out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        d = meta.num_decodes
+        seqs = meta.cu_seqlens_q.numel() - 1 - (len(fresh) if fresh else 0)
         fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
-        return fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.cu_seqlens_q, meta.seq_lens[d:],
-                  self.scale, meta.max_seqlen_q, out, **self._cache_scales())
+        paged = fn(q[:paged_tokens], self.k_cache, self.v_cache, meta.block_tables[d:d + seqs],
+                   meta.cu_seqlens_q[:seqs + 1], meta.seq_lens[d:d + seqs], self.scale, meta.max_seqlen_q,
+                   None if out is None else out[:paged_tokens], **self._cache_scales())
+        if not fresh:
+            return paged
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            fresh_prefill_attention(q[paged_tokens:], k[paged_tokens:], v[paged_tokens:], fresh, self.scale,
+                                    out[paged_tokens:])
+        return out
