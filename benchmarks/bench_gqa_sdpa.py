@@ -12,13 +12,15 @@ math backend. Times are `triton.testing.do_bench` medians.
 
     PYTHONPATH=$PWD python benchmarks/bench_gqa_sdpa.py --seq 8000 --kv-heads 8 4
 
-`--cold N` instead times the grouped variant on N prompt lengths never seen before in the process (the first call
-of a shape builds cuDNN's execution plan) against a repeat call of the same length, wall clock with a sync.
+`--cold N` instead times the grouped and gqa variants on N prompt lengths never seen before in the process (the
+first call of a shape builds cuDNN's execution plan) against a repeat call of the same length, wall clock with a
+sync; run it with and without `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1` (PyTorch's ragged path for BSHD layouts).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -65,20 +67,24 @@ def packed(q, k, v):
 
 
 def cold_calls(num_lengths: int, base: int, hkv: int) -> list[dict]:
-    """First and second call (ms, wall with sync) of cuDNN grouped attention for `num_lengths` new lengths."""
+    """First and second call (ms, wall with sync) and the warm time (us) of cuDNN grouped and gqa attention on
+    packed QKV slices, for `num_lengths` lengths new to the process."""
     rows = []
-    for s in range(base, base + num_lengths):
-        q, k, v = (torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16) for h in (32, hkv, hkv))
-        times = []
-        for _ in range(2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
+    for name, fn in (("grouped", grouped), ("gqa", gqa)):
+        for s in range(base, base + num_lengths):
+            qkv = packed(*(torch.randn(s, h, 128, device="cuda", dtype=torch.bfloat16) for h in (32, hkv, hkv)))
+            times = []
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                grouped(q, k, v, 128 ** -0.5)
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3)
-        rows.append(dict(seq=s, kv_heads=hkv, variant="grouped cold", first_ms=times[0], second_ms=times[1]))
-        print(rows[-1], flush=True)
+                for _ in range(2):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    fn(*qkv, 128 ** -0.5)
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t) * 1e3)
+                us = do_bench(lambda: fn(*qkv, 128 ** -0.5), warmup=5, rep=20) * 1e3
+            rows.append(dict(seq=s, kv_heads=hkv, variant=f"{name} cold", first_ms=times[0], second_ms=times[1],
+                             warm_us=us, avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0")))
+            print(rows[-1], flush=True)
     return rows
 
 

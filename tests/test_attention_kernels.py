@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from swiftlm.kernels import attention as attn  # noqa: E402
+from swiftlm.engine.model_runner import paged_rows  # noqa: E402
+from swiftlm.layers import attention as attention_layer  # noqa: E402
 from swiftlm.layers.attention import Attention, AttentionMetadata, forward_context  # noqa: E402
 from swiftlm.layers.attention import fresh_prefill_attention  # noqa: E402
 
@@ -171,11 +173,13 @@ def _new_kv(cache: torch.Tensor, tables: torch.Tensor, pairs: list[tuple[int, in
 
 
 @pytest.mark.parametrize("num_decodes", [0, 1, 3])
-def test_mixed_step_splits_decodes_continued_and_fresh_prompts(num_decodes: int) -> None:
-    """A step of decodes, a prompt continuing its cached prefix, then fresh prompts: the split (decode kernel,
-    paged kernel, cuDNN on the GPU for the fresh tail; offsets counted from the first prompt token) equals
-    treating every row as a varlen prefill query over the cache."""
-    pairs = [(1, 9), (1, 33), (1, 17)][:num_decodes] + [(5, 21), (6, 6), (4, 4)]
+def test_mixed_step_splits_decodes_continued_and_fresh_prompts(num_decodes: int, monkeypatch) -> None:
+    """A step of decodes, a prompt continuing its cached prefix, then fresh prompts: the split (decode kernel;
+    paged kernel for the continued prompt and each fresh prompt's unaligned last queries; SDPA, cuDNN on the GPU,
+    for the fresh prompts' aligned leading queries; offsets counted from the first prompt token) equals treating
+    every row as a varlen prefill query over the cache."""
+    monkeypatch.setattr(attention_layer, "FRESH_ALIGN", 4)
+    pairs = [(1, 9), (1, 33), (1, 17)][:num_decodes] + [(5, 21), (6, 6), (4, 4), (3, 3)]
     q, kc, vc, bt, cu, lens, mq = prefill_case(pairs, 2, 4, 32, 8, torch.float32, seed=num_decodes)
     k, v = _new_kv(kc, bt, pairs), _new_kv(vc, bt, pairs)
     layer = Attention(q.shape[1], kc.shape[2], q.shape[2], 0.3)
@@ -183,8 +187,12 @@ def test_mixed_step_splits_decodes_continued_and_fresh_prompts(num_decodes: int)
     none = torch.zeros(0, dtype=torch.long, device=DEVICE)
     with forward_context(AttentionMetadata(none, bt, lens, cu, mq)):
         whole = layer(q, k, v)
+    starts, paged_cu, paged_max = paged_rows([n for n, _ in pairs[num_decodes:]], 3)
+    assert starts == [0, 5 + 4, 11 + 4, 15 + 0] and paged_cu == [0, 5, 7, 7, 10]
     meta = AttentionMetadata(none, bt, lens, cu[num_decodes:] - num_decodes, mq, num_decodes=num_decodes,
-                             fresh_prefill_lens=[6, 4])
+                             fresh_prefill_lens=[6, 4, 3], paged_max_q=paged_max,
+                             paged_q_starts=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+                             paged_cu_seqlens=torch.tensor(paged_cu, dtype=torch.int32, device=DEVICE))
     with forward_context(meta):
         split = layer(q, k, v)
     torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-4)
@@ -326,6 +334,21 @@ def test_prefill_poisoned_out_and_strided_q() -> None:
     attn.paged_prefill_attention(qkv[:, :4], kc, vc, bt, cu, lens, 0.2, mq, out=out, block_m=16, block_n=16)
     assert torch.isfinite(out).all() and out_buf[:, :2].isnan().all()
     torch.testing.assert_close(out, dense_prefill(q, kc, vc, bt, cu, lens, 0.2), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_prefill_q_starts_compute_only_the_listed_rows() -> None:
+    """With q_starts, sequence i computes cu[i+1]-cu[i] rows from q_starts[i] (the last rows of its prompt);
+    rows no sequence lists stay untouched, in the kernel and the reference alike."""
+    q, kc, vc, bt, cu, lens, mq = prefill_case([(9, 9), (12, 30), (5, 5)], 2, 2, 32, 8, torch.float32)
+    starts = torch.tensor([6, 9, 21], dtype=torch.int32, device=DEVICE)  # rows 6-8, 9-20, none of 21-25
+    tail_cu = torch.tensor([0, 3, 15, 15], dtype=torch.int32, device=DEVICE)
+    want = dense_prefill(q, kc, vc, bt, cu, lens, 0.2)
+    for fn in (attn.paged_prefill_attention, attn.paged_prefill_attention_ref):
+        out = torch.full_like(q, float("nan"))
+        fn(q, kc, vc, bt, tail_cu, lens, 0.2, 12, out, q_starts=starts)
+        assert out[:6].isnan().all() and out[21:].isnan().all()
+        torch.testing.assert_close(out[6:21], want[6:21], atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels

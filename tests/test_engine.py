@@ -6,6 +6,7 @@ import torch
 
 from swiftlm import SamplingParams
 from swiftlm.engine.llm import LLM
+from swiftlm.layers import attention as attention_layer
 from swiftlm.testing import make_random_checkpoint, tiny_config
 
 PROMPT_LENS = [3, 17, 40, 9]
@@ -60,9 +61,13 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     {},
     {"max_num_batched_tokens": 8},                      # forces chunked prefill
     {"num_kv_blocks": 8, "block_size": 8},              # 7 usable blocks: forces preemption
-], ids=["plain", "chunked", "preempt"])
-def test_greedy_matches_transformers(checkpoint, reference, engine_kwargs) -> None:
+    {"max_num_batched_tokens": 13, "fresh_align": 4},   # SDPA on aligned fresh-prompt rows, paged kernel the rest
+], ids=["plain", "chunked", "preempt", "fresh-split"])
+def test_greedy_matches_transformers(checkpoint, reference, engine_kwargs, monkeypatch) -> None:
     prompts, expected, _ = reference
+    engine_kwargs = dict(engine_kwargs)
+    if "fresh_align" in engine_kwargs:
+        monkeypatch.setattr(attention_layer, "FRESH_ALIGN", engine_kwargs.pop("fresh_align"))
     llm = LLM(checkpoint, **engine_kwargs)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == expected

@@ -8,7 +8,7 @@ given a one-row query tile wastes all but one row of every tile it loads.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,9 +22,21 @@ from swiftlm.kernels import rope
 
 _SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
+# cuDNN builds an execution plan for every new (length, layout) it sees: 50-140 ms on the first call of a length
+# on the H100 (`benchmarks/bench_gqa_sdpa.py --cold`), against ~1 ms to run 8000 tokens. So it only ever sees
+# multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process); the last
+# `n % FRESH_ALIGN` queries of a fresh prompt go to the paged kernel over the keys already in the cache.
+FRESH_ALIGN = 256
+
+
+def cudnn_rows(prompt_len: int) -> int:
+    """How many leading queries of a fresh prompt cuDNN computes (the rest take the paged kernel)."""
+    return prompt_len // FRESH_ALIGN * FRESH_ALIGN
+
 
 def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
-                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, out: torch.Tensor | None = None,
+                            rows: list[int] | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, straight on their new q `[T, Hq, D]` and k/v
     `[T, Hkv, D]` (sequences back to back, `lens` tokens each) with SDPA, one call per sequence.
 
@@ -33,13 +45,16 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     H100 that beat repeating k/v to every query head by 20% at 8000 tokens and 40% at 1024
     (`benchmarks/bench_gqa_sdpa.py`, output reshape included). The output is reshaped back to token-major
     `[T, Hq, D]`: a view when the backend returns q's layout, so one sequence without `out` costs no copy.
-    With `out` ([T, Hq, D]) each sequence's result is written into its rows there."""
+    With `out` ([T, Hq, D]) each sequence's result is written into its rows there; `rows` (needs `out`) limits
+    sequence i to its first rows[i] queries, which attend only to each other (causal), so they are exact."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     outs = []
-    start = 0
-    for n in lens:
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    for start, n in zip(starts, rows if rows is not None else lens):
+        if n == 0:
+            continue
         qi = q[start:start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         ki = k[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
         vi = v[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
@@ -48,7 +63,6 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             out[start:start + n].view(n, num_kv_heads, group, head_dim).copy_(oi)
         else:
             outs.append(oi.reshape(n, num_heads, head_dim))
-        start += n
     if out is not None:
         return out
     return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -63,8 +77,11 @@ class AttentionMetadata:
     leading sequences have exactly one new token (tokens 0..num_decodes-1); they run the decode kernel.
     cu_seqlens_q: [B-num_decodes+1] int32 offsets of the other sequences' new tokens, counted from token
     num_decodes (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
-    lengths of the trailing sequences that start at position 0 (no cached prefix), which lets the GPU run cuDNN
-    attention on their new K/V directly; the sequences between the decodes and those use the paged kernel. padded_tokens: the flat batch ends with tokens of no sequence (prefill
+    lengths of the trailing sequences that start at position 0 (no cached prefix), whose `cudnn_rows` leading
+    queries SDPA computes on their new K/V directly. paged_q_starts / paged_cu_seqlens / paged_max_q (set with
+    fresh_prefill_lens): the rows the paged kernel computes for each sequence after the decodes, i.e. all of a
+    continued prompt's and the unaligned last queries of a fresh one (counts from the cumulative offsets).
+    padded_tokens: the flat batch ends with tokens of no sequence (prefill
     CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
     num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
     prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
@@ -76,6 +93,9 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
     num_decodes: int = 0
+    paged_q_starts: torch.Tensor | None = None
+    paged_cu_seqlens: torch.Tensor | None = None
+    paged_max_q: int = 0
     decode_num_splits: int | None = None
     fresh_prefill_lens: list[int] | None = None
     padded_tokens: bool = False
@@ -169,24 +189,22 @@ class Attention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  out: torch.Tensor | None) -> torch.Tensor:
-        """The prompt rows (those after the step's decodes): prompts continuing a cached prefix through the
-        paged kernel, then the trailing fresh prompts through cuDNN."""
-        fresh = meta.fresh_prefill_lens if q.is_cuda else None
-        paged_tokens = q.shape[0] - (sum(fresh) if fresh else 0)
-        if fresh and paged_tokens == 0:
-            with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-                return fresh_prefill_attention(q, k, v, fresh, self.scale, out)
-        if fresh and out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        """The prompt rows (those after the step's decodes). Without fresh prompts, the paged kernel does all.
+        With them, the paged kernel takes the continued prompts and each fresh prompt's unaligned last queries
+        (`paged_*` in the metadata), and SDPA (cuDNN on the GPU) the fresh prompts' aligned leading queries."""
         d = meta.num_decodes
-        seqs = meta.cu_seqlens_q.numel() - 1 - (len(fresh) if fresh else 0)
         fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
-        paged = fn(q[:paged_tokens], self.k_cache, self.v_cache, meta.block_tables[d:d + seqs],
-                   meta.cu_seqlens_q[:seqs + 1], meta.seq_lens[d:d + seqs], self.scale, meta.max_seqlen_q,
-                   None if out is None else out[:paged_tokens], **self._cache_scales())
+        fresh = meta.fresh_prefill_lens
         if not fresh:
-            return paged
-        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-            fresh_prefill_attention(q[paged_tokens:], k[paged_tokens:], v[paged_tokens:], fresh, self.scale,
-                                    out[paged_tokens:])
+            return fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.cu_seqlens_q, meta.seq_lens[d:],
+                      self.scale, meta.max_seqlen_q, out, **self._cache_scales())
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.paged_max_q:
+            fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.paged_cu_seqlens, meta.seq_lens[d:],
+               self.scale, meta.paged_max_q, out, **self._cache_scales(), q_starts=meta.paged_q_starts)
+        start = q.shape[0] - sum(fresh)
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True) if q.is_cuda else nullcontext():
+            fresh_prefill_attention(q[start:], k[start:], v[start:], fresh, self.scale, out[start:],
+                                    [cudnn_rows(n) for n in fresh])
         return out
