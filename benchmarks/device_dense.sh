@@ -9,9 +9,9 @@
 #   throughput: the full bench_engine runs (throughput included) of Qwen3-8B bf16 (first: on a fresh machine its
 #               start-up is the cold-Triton-cache figure) and Qwen3-30B-A3B bf16 (with the concurrency sweep), and
 #               Qwen3-8B FP8 without the throughput run;
-#   attention:  the attention kernel tests and GPU engine tests on CUDA, first cuDNN calls on new prompt lengths,
-#               the Qwen3-8B profile with its throughput run (GPU vs wall time per step kind), then the Qwen3-8B
-#               bench_engine run.
+#   attention:  the attention kernel tests and GPU engine tests on CUDA, the Qwen3-8B profile with its
+#               throughput run (GPU vs wall time per step kind), the Qwen3-8B bench_engine run, and Qwen3-30B-A3B
+#               without the throughput run.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput|attention OUT_DIR
 set -uo pipefail
 part=$1; out=$2
@@ -55,9 +55,9 @@ case "$part" in
     python3 -m pytest -q tests/test_attention_kernels.py 2>&1 | tail -3 | tee "$out/attention_tests.txt"
     python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
     python3 benchmarks/profile_engine.py --model $dense > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
-    python3 benchmarks/bench_gqa_sdpa.py --seq 1000 8000 --cold 4 --json "$out/gqa_sdpa_cold_h100_$commit.json"
     grep -E "^bs=1|^prefill [0-9]|^throughput|^mixed" "$out/profile_qwen3-8b_h100_$commit.txt"
     bench qwen3-8b --model $dense --iters 1
+    bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
