@@ -27,6 +27,9 @@ _SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBac
 # multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process); the last
 # `n % FRESH_ALIGN` queries of a fresh prompt go to the paged kernel over the keys already in the cache.
 FRESH_ALIGN = 256
+# Query tile of the paged kernel when it only has those leftover queries: with its usual 128-row tiles a 64-query
+# tail of an 8000-token prompt ran one program per head, each walking all 8000 keys.
+TAIL_BLOCK_M = 16
 
 
 def cudnn_rows(prompt_len: int) -> int:
@@ -201,8 +204,11 @@ class Attention(nn.Module):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.paged_max_q:
+            extra = {"q_starts": meta.paged_q_starts}
+            if q.is_cuda and meta.paged_max_q < FRESH_ALIGN:  # only short tails over long keys: more programs
+                extra["block_m"] = TAIL_BLOCK_M
             fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.paged_cu_seqlens, meta.seq_lens[d:],
-               self.scale, meta.paged_max_q, out, **self._cache_scales(), q_starts=meta.paged_q_starts)
+               self.scale, meta.paged_max_q, out, **self._cache_scales(), **extra)
         start = q.shape[0] - sum(fresh)
         with sdpa_kernel(_SDPA_BACKENDS, set_priority=True) if q.is_cuda else nullcontext():
             fresh_prefill_attention(q[start:], k[start:], v[start:], fresh, self.scale, out[start:],
