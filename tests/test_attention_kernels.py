@@ -407,3 +407,13 @@ def test_gpu_decode_cuda_graph_replay() -> None:
             graph.replay()
             torch.cuda.synchronize()
             assert_close(out, attn.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.1), torch.bfloat16)
+
+
+def test_warm_fresh_attention_covers_every_aligned_length(monkeypatch) -> None:
+    """One SDPA call per multiple of FRESH_ALIGN up to the step budget, on packed-QKV views."""
+    calls = []
+    monkeypatch.setattr(attention_layer, "fresh_prefill_attention",
+                        lambda q, k, v, lens, scale, *a: calls.append((q.shape, k.stride(), lens, scale)))
+    assert attention_layer.warm_fresh_attention(4, 2, 16, 0.25, torch.float32, torch.device("cpu"), 600) == 2
+    width = (4 + 2 * 2) * 16
+    assert calls == [((256, 4, 16), (width, 16, 1), [256], 0.25), ((512, 4, 16), (width, 16, 1), [512], 0.25)]

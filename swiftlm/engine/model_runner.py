@@ -16,7 +16,7 @@ import torch
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator, cdiv
 from swiftlm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from swiftlm.layers.attention import AttentionMetadata, cudnn_rows, forward_context
+from swiftlm.layers.attention import AttentionMetadata, cudnn_rows, forward_context, warm_fresh_attention
 from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
 from swiftlm.models import get_model_class
 from swiftlm.models.qwen3 import no_quant
@@ -121,6 +121,8 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda":
+            self._warm_fresh_attention()
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         if config.expert_stats:
@@ -328,6 +330,15 @@ class ModelRunner:
                                  eos_token_ids=q.eos_token_ids) for q in seqs]
         sampling = SamplingBatch.build(rows_meta, self.vocab_size, self.device)
         return sample_rows, self.sampler(logits, sampling)
+
+    @torch.inference_mode()
+    def _warm_fresh_attention(self) -> None:
+        start = time.perf_counter()
+        layer = self.attn_layers[0]
+        count = warm_fresh_attention(layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale, self.dtype,
+                                     self.device, self.max_num_tokens)
+        torch.cuda.synchronize(self.device)
+        logger.info("built cuDNN attention plans for %d prompt lengths in %.1fs", count, time.perf_counter() - start)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------------
     def _graph_size(self, n: int) -> int | None:

@@ -71,6 +71,22 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
+                         device: torch.device, max_tokens: int) -> int:
+    """Build cuDNN's plans for every aligned fresh-prompt length up to `max_tokens` now, at start-up, on q/k/v
+    laid out as the QKV projection hands them over (the plan cache keys on strides too), so no request pays a
+    plan build. Returns how many lengths were warmed."""
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.zeros(FRESH_ALIGN * (max_tokens // FRESH_ALIGN), width, dtype=dtype, device=device)
+    lengths = list(range(FRESH_ALIGN, qkv.shape[0] + 1, FRESH_ALIGN))
+    with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+        for n in lengths:
+            q, k, v = qkv[:n].split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+            fresh_prefill_attention(q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim),
+                                    v.view(n, num_kv_heads, head_dim), [n], scale)
+    return len(lengths)
+
+
 @dataclass
 class AttentionMetadata:
     """Batch layout for one forward. Tensors live on the model's device.
