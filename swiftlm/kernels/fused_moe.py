@@ -46,9 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from swiftlm.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_ref
-from swiftlm.kernels.triton_support import split_counters
 from swiftlm.kernels.moe_cutlass import cutlass_moe, cutlass_moe_supported
-from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, split_counters, use_pdl
 
 if HAS_TRITON:
     import triton

@@ -185,17 +185,14 @@ class Attention(nn.Module):
         if meta.decode_only:
             return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_num_splits)
         d = meta.num_decodes
-        out = None
-        if meta.padded_tokens or d:
-            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if meta.padded_tokens else torch.empty(
-                q.shape, dtype=q.dtype, device=q.device)
+        if not (d or meta.padded_tokens):
+            return self._prefill(q, k, v, meta, None)
+        alloc = torch.zeros if meta.padded_tokens else torch.empty
+        out = alloc(q.shape, dtype=q.dtype, device=q.device)
         if d:
             self._decode(q[:d], meta.block_tables[:d], meta.seq_lens[:d], None, out[:d])
-            if d == q.shape[0]:
-                return out
-        if out is None:
-            return self._prefill(q, k, v, meta, None)
-        self._prefill(q[d:], k[d:], v[d:], meta, out[d:])
+        if d < q.shape[0]:
+            self._prefill(q[d:], k[d:], v[d:], meta, out[d:])
         return out
 
     def _decode(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int | None,
