@@ -292,10 +292,10 @@ class ModelRunner:
         graph_bs = self._graph_size(num_rows) if batch.decode_only else None
         prefill_graph = None if batch.decode_only else self._prefill_graph_size(batch)
         rows = graph_bs or num_rows
-        eager = graph_bs is None and prefill_graph is None
-        num_decodes = _leading_decodes(batch) if eager and not batch.decode_only else 0
+        eager_prefill = graph_bs is None and prefill_graph is None and not batch.decode_only
+        num_decodes = _leading_decodes(batch) if eager_prefill else 0
         tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph, num_decodes=num_decodes)
-        fresh = _fresh_tail(batch.scheduled[num_decodes:]) if eager and not batch.decode_only else None
+        fresh = _fresh_tail(batch.scheduled[num_decodes:]) if eager_prefill else None
         if fresh:
             starts, cu, paged_max_q = paged_rows([i.num_new_tokens for i in batch.scheduled[num_decodes:]],
                                                  len(fresh))
