@@ -11,8 +11,10 @@
 #               Qwen3-8B FP8 without the throughput run;
 #   attention:  the attention kernel tests and GPU engine tests on CUDA, the Qwen3-8B profile with its
 #               throughput run (GPU vs wall time per step kind), the Qwen3-8B bench_engine run, and Qwen3-30B-A3B
-#               without the throughput run.
-# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput|attention OUT_DIR
+#               without the throughput run;
+#   ttft:       the attention kernel tests on CUDA, the Qwen3-8B profile without its throughput run, then
+#               bench_engine without the throughput run for Qwen3-8B bf16 and FP8 and Qwen3-30B-A3B bf16.
+# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput|attention|ttft OUT_DIR
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -57,6 +59,14 @@ case "$part" in
     python3 benchmarks/profile_engine.py --model $dense > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
     grep -E "^bs=1|^prefill [0-9]|^throughput|^mixed" "$out/profile_qwen3-8b_h100_$commit.txt"
     bench qwen3-8b --model $dense --iters 1
+    bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
+    ;;
+  ttft)
+    python3 -m pytest -q tests/test_attention_kernels.py 2>&1 | tail -3 | tee "$out/attention_tests.txt"
+    python3 benchmarks/profile_engine.py --model $dense --num-prompts 0 > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
+    grep -E "^bs=1|^prefill [0-9]" "$out/profile_qwen3-8b_h100_$commit.txt"
+    bench qwen3-8b --model $dense --skip-throughput --iters 1
+    bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
     bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

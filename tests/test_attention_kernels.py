@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from swiftlm.kernels import attention as attn  # noqa: E402
-from swiftlm.engine.model_runner import paged_rows  # noqa: E402
 from swiftlm.layers import attention as attention_layer  # noqa: E402
 from swiftlm.layers.attention import Attention, AttentionMetadata, forward_context  # noqa: E402
 from swiftlm.layers.attention import fresh_prefill_attention  # noqa: E402
@@ -142,11 +141,15 @@ def test_prefill_ref_matches_dense_sdpa(group: int) -> None:
     torch.testing.assert_close(ref, dense_prefill(q, kc, vc, bt, cu, lens, 0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("align", [256, 4])
 @pytest.mark.parametrize("group", [1, 4])
-def test_fresh_prefill_attention_matches_repeated_kv_sdpa(group: int) -> None:
-    """The stride-0 GQA layout gives per-sequence causal attention over repeated k/v heads, token-major."""
+def test_fresh_prefill_attention_matches_repeated_kv_sdpa(group: int, align: int, monkeypatch) -> None:
+    """The stride-0 GQA layout gives per-sequence causal attention over repeated k/v heads, token-major; with
+    FRESH_ALIGN 4 every prompt splits into aligned leading queries and a bottom-right-causal tail (9 = 8 + 1,
+    5 = 4 + 1, 3 = tail only, 8 = aligned only)."""
+    monkeypatch.setattr(attention_layer, "FRESH_ALIGN", align)
     gen = torch.Generator().manual_seed(group)
-    lens = [5, 1, 9]
+    lens = [5, 1, 9, 3, 8]
     q = torch.randn(sum(lens), 2 * group, 32, generator=gen).to(DEVICE)
     k, v = (torch.randn(sum(lens), 2, 32, generator=gen).to(DEVICE) for _ in range(2))
     got = fresh_prefill_attention(q, k, v, lens, 0.3)
@@ -175,9 +178,9 @@ def _new_kv(cache: torch.Tensor, tables: torch.Tensor, pairs: list[tuple[int, in
 @pytest.mark.parametrize("num_decodes", [0, 1, 3])
 def test_mixed_step_splits_decodes_continued_and_fresh_prompts(num_decodes: int, monkeypatch) -> None:
     """A step of decodes, a prompt continuing its cached prefix, then fresh prompts: the split (decode kernel;
-    paged kernel for the continued prompt and each fresh prompt's unaligned last queries; SDPA, cuDNN on the GPU,
-    for the fresh prompts' aligned leading queries; offsets counted from the first prompt token) equals treating
-    every row as a varlen prefill query over the cache."""
+    paged kernel for the continued prompt; SDPA for the fresh prompts, aligned leading queries and tails apart;
+    offsets counted from the first prompt token) equals treating every row as a varlen prefill query over the
+    cache."""
     monkeypatch.setattr(attention_layer, "FRESH_ALIGN", 4)
     pairs = [(1, 9), (1, 33), (1, 17)][:num_decodes] + [(5, 21), (6, 6), (4, 4), (3, 3)]
     q, kc, vc, bt, cu, lens, mq = prefill_case(pairs, 2, 4, 32, 8, torch.float32, seed=num_decodes)
@@ -187,12 +190,8 @@ def test_mixed_step_splits_decodes_continued_and_fresh_prompts(num_decodes: int,
     none = torch.zeros(0, dtype=torch.long, device=DEVICE)
     with forward_context(AttentionMetadata(none, bt, lens, cu, mq)):
         whole = layer(q, k, v)
-    starts, paged_cu, paged_max = paged_rows([n for n, _ in pairs[num_decodes:]], 3)
-    assert starts == [0, 5 + 4, 11 + 4, 15 + 0] and paged_cu == [0, 5, 7, 7, 10]
     meta = AttentionMetadata(none, bt, lens, cu[num_decodes:] - num_decodes, mq, num_decodes=num_decodes,
-                             fresh_prefill_lens=[6, 4, 3], paged_max_q=paged_max,
-                             paged_q_starts=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-                             paged_cu_seqlens=torch.tensor(paged_cu, dtype=torch.int32, device=DEVICE))
+                             fresh_prefill_lens=[6, 4, 3])
     with forward_context(meta):
         split = layer(q, k, v)
     torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-4)
@@ -337,21 +336,6 @@ def test_prefill_poisoned_out_and_strided_q() -> None:
 
 
 @needs_kernels
-def test_prefill_q_starts_compute_only_the_listed_rows() -> None:
-    """With q_starts, sequence i computes cu[i+1]-cu[i] rows from q_starts[i] (the last rows of its prompt);
-    rows no sequence lists stay untouched, in the kernel and the reference alike."""
-    q, kc, vc, bt, cu, lens, mq = prefill_case([(9, 9), (12, 30), (5, 5)], 2, 2, 32, 8, torch.float32)
-    starts = torch.tensor([6, 9, 21], dtype=torch.int32, device=DEVICE)  # rows 6-8, 9-20, none of 21-25
-    tail_cu = torch.tensor([0, 3, 15, 15], dtype=torch.int32, device=DEVICE)
-    want = dense_prefill(q, kc, vc, bt, cu, lens, 0.2)
-    for fn in (attn.paged_prefill_attention, attn.paged_prefill_attention_ref):
-        out = torch.full_like(q, float("nan"))
-        fn(q, kc, vc, bt, tail_cu, lens, 0.2, 12, out, q_starts=starts)
-        assert out[:6].isnan().all() and out[21:].isnan().all()
-        torch.testing.assert_close(out[6:21], want[6:21], atol=1e-5, rtol=1e-5)
-
-
-@needs_kernels
 def test_prefill_fp8_cache() -> None:
     q, kc, vc, bt, cu, lens, mq = prefill_case([(20, 20), (9, 41)], 1, 4, 64, 16, torch.bfloat16)
     kc8, vc8 = (kc * 2).to(torch.float8_e4m3fn), (vc * 2).to(torch.float8_e4m3fn)
@@ -387,6 +371,27 @@ def test_gpu_realistic_shapes(dtype: torch.dtype) -> None:
     q, kc, vc, bt, cu, lens, mq = prefill_case([(700, 700), (129, 2000), (1, 64)], 8, 4, 128, 16, dtype)
     out = attn.paged_prefill_attention(q, kc, vc, bt, cu, lens, 128 ** -0.5, mq)
     assert_close(out, attn.paged_prefill_attention_ref(q, kc, vc, bt, cu, lens, 128 ** -0.5, mq), dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_fresh_prompts_cudnn_and_flash_tails(dtype: torch.dtype) -> None:
+    """Fresh prompts at Qwen3-8B heads (32/8, D=128): tail only (100), aligned only (512), and aligned leading
+    queries on cuDNN plus a bottom-right tail on FlashAttention (700, 2100), against fp32 SDPA on repeated k/v."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lens = [100, 512, 700, 2100]
+    q = torch.randn(sum(lens), 32, 128, generator=gen, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lens), 8, 128, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    got = fresh_prefill_attention(q, k, v, lens, 128 ** -0.5)
+    start = 0
+    for n in lens:
+        part = slice(start, start + n)
+        kr, vr = (t[part].float().repeat_interleave(4, 1).transpose(0, 1) for t in (k, v))
+        want = F.scaled_dot_product_attention(q[part].float().transpose(0, 1), kr, vr, is_causal=True,
+                                              scale=128 ** -0.5).transpose(0, 1)
+        assert_close(got[part], want.to(dtype), dtype)
+        start += n
 
 
 @gpu

@@ -61,7 +61,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     {},
     {"max_num_batched_tokens": 8},                      # forces chunked prefill
     {"num_kv_blocks": 8, "block_size": 8},              # 7 usable blocks: forces preemption
-    {"max_num_batched_tokens": 13, "fresh_align": 4},   # SDPA on aligned fresh-prompt rows, paged kernel the rest
+    {"max_num_batched_tokens": 13, "fresh_align": 4},   # fresh prompts: aligned rows and bottom-right tails apart
 ], ids=["plain", "chunked", "preempt", "fresh-split"])
 def test_greedy_matches_transformers(checkpoint, reference, engine_kwargs, monkeypatch) -> None:
     prompts, expected, _ = reference

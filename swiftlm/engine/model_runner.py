@@ -16,7 +16,7 @@ import torch
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator, cdiv
 from swiftlm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from swiftlm.layers.attention import AttentionMetadata, cudnn_rows, forward_context, warm_fresh_attention
+from swiftlm.layers.attention import AttentionMetadata, forward_context, warm_fresh_attention
 from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
 from swiftlm.models import get_model_class
 from swiftlm.models.qwen3 import no_quant
@@ -55,18 +55,6 @@ def _fresh_tail(prompts: list[ScheduledSeq]) -> list[int] | None:
     return [item.num_new_tokens for item in prompts[start:]] or None
 
 
-def paged_rows(new_tokens: list[int], num_fresh: int) -> tuple[list[int], list[int], int]:
-    """Rows of each prompt the paged kernel computes when the last `num_fresh` prompts are fresh: (first row,
-    cumulative counts, largest count); a fresh prompt keeps only the queries past its `cudnn_rows`."""
-    starts, cu, row = [], [0], 0
-    for i, n in enumerate(new_tokens):
-        skip = cudnn_rows(n) if i >= len(new_tokens) - num_fresh else 0
-        starts.append(row + skip)
-        cu.append(cu[-1] + n - skip)
-        row += n
-    return starts, cu, max((b - a for a, b in zip(cu, cu[1:])), default=0)
-
-
 @dataclass
 class _Segments:
     """Offsets of each field inside the packed int32 step buffer."""
@@ -81,9 +69,7 @@ class _Segments:
         self.seq_lens = 3 * t
         self.cu_q = self.seq_lens + s
         self.logits_idx = self.cu_q + s + 1
-        self.paged_starts = self.logits_idx + s
-        self.paged_cu = self.paged_starts + s
-        self.num_real_tokens = self.paged_cu + s + 1
+        self.num_real_tokens = self.logits_idx + s
         self.block_tables = self.num_real_tokens + 1
         self.total = self.block_tables + s * self.width
 
@@ -194,14 +180,12 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         n = self.max_num_tokens
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        starts, cu, most = paged_rows([n], 1)
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(n, dtype=torch.int64, device=self.device),
             block_tables=torch.zeros(1, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_seqlen_q=n,
-            fresh_prefill_lens=[n], paged_q_starts=torch.tensor(starts, dtype=torch.int32, device=self.device),
-            paged_cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=self.device), paged_max_q=most)
+            fresh_prefill_lens=[n])
         with forward_context(meta):
             hidden = self.model(ids, ids)
         self.model.compute_logits(hidden[: self.max_num_seqs])
@@ -296,12 +280,6 @@ class ModelRunner:
         num_decodes = _leading_decodes(batch) if eager_prefill else 0
         tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph, num_decodes=num_decodes)
         fresh = _fresh_tail(batch.scheduled[num_decodes:]) if eager_prefill else None
-        if fresh:
-            starts, cu, paged_max_q = paged_rows([i.num_new_tokens for i in batch.scheduled[num_decodes:]],
-                                                 len(fresh))
-            s, h = self.seg, self.host_np
-            h[s.paged_starts: s.paged_starts + len(starts)] = starts
-            h[s.paged_cu: s.paged_cu + len(cu)] = cu
         self._upload(rows)
         if graph_bs is not None:
             self.graphs[graph_bs].replay()
@@ -314,11 +292,6 @@ class ModelRunner:
             prompts = rows - num_decodes
             meta = AttentionMetadata(slots.long(), bt, seq_lens, None if batch.decode_only else cu_q[: prompts + 1],
                                      max_q, num_decodes=num_decodes, fresh_prefill_lens=fresh)
-            if fresh:
-                d, seg = self.dev_buf, self.seg
-                meta.paged_q_starts = d[seg.paged_starts: seg.paged_starts + prompts]
-                meta.paged_cu_seqlens = d[seg.paged_cu: seg.paged_cu + prompts + 1]
-                meta.paged_max_q = paged_max_q
             with forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[logits_idx[: len(sample_rows)]])

@@ -124,20 +124,16 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
-                                k_scale: float | None = None, v_scale: float | None = None,
-                                q_starts: torch.Tensor | None = None) -> torch.Tensor:
+                                k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
     """PyTorch varlen causal attention (fp32 math), bottom-right aligned: new query j of sequence i sees
-    cache positions `<= seq_lens[i] - q_len_i + j`. `max_seqlen_q` is unused (kept for a shared signature).
-    Rows no sequence owns are left as they are in `out` (zeros without it)."""
+    cache positions `<= seq_lens[i] - q_len_i + j`. `max_seqlen_q` is unused (kept for a shared signature)."""
     del max_seqlen_q
     group = q.shape[1] // k_cache.shape[2]
     result = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if out is None else out
     cu = cu_seqlens_q.tolist()
-    starts = cu if q_starts is None else q_starts.tolist()
     lens = seq_lens.tolist()
     for i, seq_len in enumerate(lens):
-        start = starts[i]
-        end = start + cu[i + 1] - cu[i]
+        start, end = cu[i], cu[i + 1]
         if end == start:
             continue
         k = _gather_kv(k_cache, block_tables[i:i + 1], seq_len, k_scale)[0].repeat_interleave(group, dim=1)
@@ -286,7 +282,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, q_starts_ptr, seq_lens_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, out_ptr,
         qk_scale, v_scale,
         stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -303,8 +299,8 @@ if HAS_TRITON:
         h = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
         b = tl.program_id(2)
-        q_start = tl.load(q_starts_ptr + b)
-        q_len = tl.load(cu_q_ptr + b + 1) - tl.load(cu_q_ptr + b)
+        q_start = tl.load(cu_q_ptr + b)
+        q_len = tl.load(cu_q_ptr + b + 1) - q_start
         m_start = pid_m * BLOCK_M
         if m_start >= q_len:
             return
@@ -453,14 +449,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
                             k_scale: float | None = None, v_scale: float | None = None,
-                            q_starts: torch.Tensor | None = None,
                             *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Varlen causal (chunked-)prefill attention over the paged cache. q `[T, Hq, D]`; sequence i owns rows
     `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last q_len_i of its `seq_lens[i]` cached tokens
-    (bottom-right causal alignment). With `q_starts` ([B] int32) its rows start there instead, so sequences
-    may leave gaps for another kernel; q_len_i stays `cu_seqlens_q[i+1] - cu_seqlens_q[i]`. `max_seqlen_q` (a
-    host int, >= every q_len) sizes the grid. Returns `[T, Hq, D]` in q's dtype (into `out` when given); rows
-    no sequence owns are not written, and zero-length sequences are skipped.
+    (bottom-right causal alignment). `max_seqlen_q` (a host int, >= every q_len) sizes the grid.
+    Returns `[T, Hq, D]` in q's dtype (into `out` when given); zero-length sequences are skipped.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
@@ -473,7 +466,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
     if not can_use_triton(q):
         return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                                           max_seqlen_q, out, k_scale, v_scale, q_starts)
+                                           max_seqlen_q, out, k_scale, v_scale)
     batch = cu_seqlens_q.numel() - 1
     if num_tokens == 0 or batch <= 0 or max_seqlen_q <= 0:
         return out
@@ -485,8 +478,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     dot_dtype, precision = _dot_args(q.dtype)
     qk_scale = scale * _LOG2E * k_mult
     grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
-    _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                          cu_seqlens_q if q_starts is None else q_starts, seq_lens, out,
+    _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
                           qk_scale, v_mult,
                           q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
                           block_tables.stride(0), out.stride(0), out.stride(1),

@@ -16,59 +16,74 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from swiftlm.kernels import attention as kernels
 from swiftlm.kernels import rope
 
-_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
 # cuDNN builds an execution plan for every new (length, layout) it sees: 50-140 ms on the first call of a length
 # on the H100 (`benchmarks/bench_gqa_sdpa.py --cold`), against ~1 ms to run 8000 tokens. So it only ever sees
-# multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process); the last
-# `n % FRESH_ALIGN` queries of a fresh prompt go to the paged kernel over the keys already in the cache.
+# multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process, all built at
+# start-up); the last `n % FRESH_ALIGN` queries of a fresh prompt go to FlashAttention, which builds nothing.
 FRESH_ALIGN = 256
-# Query tile of the paged kernel when it only has those leftover queries: with its usual 128-row tiles a 64-query
-# tail of an 8000-token prompt ran one program per head, each walking all 8000 keys.
-TAIL_BLOCK_M = 16
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def cudnn_rows(prompt_len: int) -> int:
-    """How many leading queries of a fresh prompt cuDNN computes (the rest take the paged kernel)."""
+    """How many leading queries of a fresh prompt cuDNN computes (the rest take FlashAttention)."""
     return prompt_len // FRESH_ALIGN * FRESH_ALIGN
 
 
+def _by_kv_head(x: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tensor:
+    """Token-major `[n, Hq, D]` queries as `[Hkv, group, n, D]` (a view)."""
+    n, _, head_dim = x.shape
+    return x.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+
+
+def _shared_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Token-major `[n, Hkv, D]` keys or values as `[Hkv, group, n, D]`, the group axis of stride 0 (a view)."""
+    n, num_kv_heads, head_dim = x.shape
+    return x.permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
+
+
 def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
-                            scale: float, out: torch.Tensor | None = None,
-                            rows: list[int] | None = None) -> torch.Tensor:
+                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, straight on their new q `[T, Hq, D]` and k/v
-    `[T, Hkv, D]` (sequences back to back, `lens` tokens each) with SDPA, one call per sequence.
+    `[T, Hkv, D]` (sequences back to back, `lens` tokens each) with SDPA, into `out` (`[T, Hq, D]`, made when
+    not given).
 
     GQA without copies: batch = kv head, heads = that head's query group, and k/v expanded along the group
-    with stride 0, all views of the QKV projection's output; cuDNN takes these strides as they are. On the
-    H100 that beat repeating k/v to every query head by 20% at 8000 tokens and 40% at 1024
-    (`benchmarks/bench_gqa_sdpa.py`, output reshape included). The output is reshaped back to token-major
-    `[T, Hq, D]`: a view when the backend returns q's layout, so one sequence without `out` costs no copy.
-    With `out` ([T, Hq, D]) each sequence's result is written into its rows there; `rows` (needs `out`) limits
-    sequence i to its first rows[i] queries, which attend only to each other (causal), so they are exact."""
+    with stride 0, all views of the QKV projection's output; cuDNN and FlashAttention take these strides as they
+    are. On the H100 that beat repeating k/v to every query head by 20% at 8000 tokens and 40% at 1024
+    (`benchmarks/bench_gqa_sdpa.py`). Each prompt of n tokens takes two calls on the GPU: its first
+    `cudnn_rows(n)` queries, which attend only to each other (causal), as a square cuDNN problem; then its last
+    queries over all n keys with the causal mask aligned bottom-right, which FlashAttention splits over the keys
+    (a 64-query tail of an 8000-token prompt would otherwise keep one program per head walking 8000 keys)."""
     _, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
-    outs = []
-    starts = [sum(lens[:i]) for i in range(len(lens))]
-    for start, n in zip(starts, rows if rows is not None else lens):
-        if n == 0:
-            continue
-        qi = q[start:start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        ki = k[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
-        vi = v[start:start + n].permute(1, 0, 2)[:, None].expand(num_kv_heads, group, n, head_dim)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).permute(2, 0, 1, 3)
-        if out is not None:
-            out[start:start + n].view(n, num_kv_heads, group, head_dim).copy_(oi)
-        else:
-            outs.append(oi.reshape(n, num_heads, head_dim))
-    if out is not None:
-        return out
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    group = num_heads // k.shape[1]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    on_gpu = q.is_cuda
+    start = 0
+    for n in lens:
+        seq = slice(start, start + n)
+        aligned = cudnn_rows(n)
+        if aligned:
+            part = slice(start, start + aligned)
+            with sdpa_kernel(_CUDNN_FIRST, set_priority=True) if on_gpu else nullcontext():
+                o = F.scaled_dot_product_attention(_by_kv_head(q[part], k.shape[1], group), _shared_kv(k[part], group),
+                                                   _shared_kv(v[part], group), is_causal=True, scale=scale)
+            _by_kv_head(out[part], k.shape[1], group).copy_(o)
+        if aligned < n:
+            tail = slice(start + aligned, start + n)
+            with sdpa_kernel(_NO_CUDNN) if on_gpu else nullcontext():
+                o = F.scaled_dot_product_attention(_by_kv_head(q[tail], k.shape[1], group), _shared_kv(k[seq], group),
+                                                   _shared_kv(v[seq], group), scale=scale,
+                                                   attn_mask=causal_lower_right(n - aligned, n))
+            _by_kv_head(out[tail], k.shape[1], group).copy_(o)
+        start += n
+    return out
 
 
 def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
@@ -79,11 +94,10 @@ def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.zeros(FRESH_ALIGN * (max_tokens // FRESH_ALIGN), width, dtype=dtype, device=device)
     lengths = list(range(FRESH_ALIGN, qkv.shape[0] + 1, FRESH_ALIGN))
-    with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
-        for n in lengths:
-            q, k, v = qkv[:n].split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-            fresh_prefill_attention(q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim),
-                                    v.view(n, num_kv_heads, head_dim), [n], scale)
+    for n in lengths:
+        q, k, v = qkv[:n].split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        fresh_prefill_attention(q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim),
+                                v.view(n, num_kv_heads, head_dim), [n], scale)
     return len(lengths)
 
 
@@ -96,12 +110,9 @@ class AttentionMetadata:
     leading sequences have exactly one new token (tokens 0..num_decodes-1); they run the decode kernel.
     cu_seqlens_q: [B-num_decodes+1] int32 offsets of the other sequences' new tokens, counted from token
     num_decodes (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
-    lengths of the trailing sequences that start at position 0 (no cached prefix), whose `cudnn_rows` leading
-    queries SDPA computes on their new K/V directly. paged_q_starts / paged_cu_seqlens / paged_max_q (set with
-    fresh_prefill_lens): the rows the paged kernel computes for each sequence after the decodes, i.e. all of a
-    continued prompt's and the unaligned last queries of a fresh one (counts from the cumulative offsets).
-    padded_tokens: the flat batch ends with tokens of no sequence (prefill
-    CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
+    lengths of the trailing sequences that start at position 0 (no cached prefix), which SDPA computes on their
+    new K/V directly (`fresh_prefill_attention`); the paged kernel takes the prompts before them.
+    padded_tokens: the flat batch ends with tokens of no sequence (prefill CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
     num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
     prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
     """
@@ -112,9 +123,6 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
     num_decodes: int = 0
-    paged_q_starts: torch.Tensor | None = None
-    paged_cu_seqlens: torch.Tensor | None = None
-    paged_max_q: int = 0
     decode_num_splits: int | None = None
     fresh_prefill_lens: list[int] | None = None
     padded_tokens: bool = False
@@ -205,25 +213,19 @@ class Attention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  out: torch.Tensor | None) -> torch.Tensor:
-        """The prompt rows (those after the step's decodes). Without fresh prompts, the paged kernel does all.
-        With them, the paged kernel takes the continued prompts and each fresh prompt's unaligned last queries
-        (`paged_*` in the metadata), and SDPA (cuDNN on the GPU) the fresh prompts' aligned leading queries."""
+        """The prompt rows (those after the step's decodes): the paged kernel for prompts that continue a cached
+        prefix (all of them without `fresh_prefill_lens`), SDPA on their new K/V for the trailing fresh ones."""
         d = meta.num_decodes
         fn = kernels.paged_prefill_attention if q.is_cuda else kernels.paged_prefill_attention_ref
-        fresh = meta.fresh_prefill_lens
-        if not fresh:
-            return fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.cu_seqlens_q, meta.seq_lens[d:],
-                      self.scale, meta.max_seqlen_q, out, **self._cache_scales())
+        fresh = meta.fresh_prefill_lens or []
+        continued = meta.cu_seqlens_q.numel() - 1 - len(fresh)
+        start = q.shape[0] - sum(fresh)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if meta.paged_max_q:
-            extra = {"q_starts": meta.paged_q_starts}
-            if q.is_cuda and meta.paged_max_q < FRESH_ALIGN:  # only short tails over long keys: more programs
-                extra["block_m"] = TAIL_BLOCK_M
-            fn(q, self.k_cache, self.v_cache, meta.block_tables[d:], meta.paged_cu_seqlens, meta.seq_lens[d:],
-               self.scale, meta.paged_max_q, out, **self._cache_scales(), **extra)
-        start = q.shape[0] - sum(fresh)
-        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True) if q.is_cuda else nullcontext():
-            fresh_prefill_attention(q[start:], k[start:], v[start:], fresh, self.scale, out[start:],
-                                    [cudnn_rows(n) for n in fresh])
+        if continued:
+            fn(q[:start], self.k_cache, self.v_cache, meta.block_tables[d:d + continued],
+               meta.cu_seqlens_q[:continued + 1], meta.seq_lens[d:d + continued], self.scale, meta.max_seqlen_q,
+               out[:start], **self._cache_scales())
+        if fresh:
+            fresh_prefill_attention(q[start:], k[start:], v[start:], fresh, self.scale, out[start:])
         return out
