@@ -23,8 +23,13 @@ from swiftlm.kernels import awq
 
 SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (55296, 5120), "down": (5120, 27648)}  # (N, K)
 GROUP = 128
-GRID = [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
-        for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (3,), (4, 8))]
+GRIDS = {
+    "narrow": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
+               for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (3,), (4, 8))],
+    # deeper pipelines and longer K steps (more bytes in flight per program), fewer warps
+    "wide": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
+             for p, k, s, w in itertools.product((8, 16, 32), (32, 64), (2, 4, 6), (2, 4))],
+}
 CALLS = 20
 
 
@@ -36,6 +41,8 @@ def graph_us(fn, copies: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="narrow", help="launch configs to try")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -43,7 +50,9 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}; default {awq.AWQ_GEMV_CONFIG}")
     print(f"{'shape':8} {'M':>2} | {'default us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
           f"{'fp16 cuBLAS us':>14} {'speedup':>7}")
-    for name, (n, k) in SHAPES.items():
+    grid = GRIDS[args.grid] + [awq.AWQ_GEMV_CONFIG] * (awq.AWQ_GEMV_CONFIG not in GRIDS[args.grid])
+    for name in args.shapes:
+        n, k = SHAPES[name]
         nbytes = k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
         copies = max(2, -(-(256 << 20) // nbytes))
         qw = [torch.randint(-2**31, 2**31 - 1, (k, n // 8), device="cuda", generator=gen, dtype=torch.int32)
@@ -56,7 +65,7 @@ def main() -> int:
             x = torch.randn(m, k, device="cuda", generator=gen).half()
             ref = awq.awq_gemm_ref(x, qw[0], qz[0], sc[0], GROUP).float()
             results = []
-            for cfg in GRID:
+            for cfg in grid:
                 try:
                     out = awq.awq_gemv_triton(x, qw[0], qz[0], sc[0], GROUP, config=cfg).float()
                     err = ((out - ref).norm() / ref.norm()).item()
