@@ -24,14 +24,11 @@ from swiftlm.kernels import awq
 SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (55296, 5120), "down": (5120, 27648)}  # (N, K)
 GROUP = 128
 GRIDS = {
-    "narrow": [dict(KERNEL="fma", BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
+    "narrow": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
                for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (3,), (4, 8))],
     # deeper pipelines and longer K steps (more bytes in flight per program), fewer warps
-    "wide": [dict(KERNEL="fma", BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
+    "wide": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
              for p, k, s, w in itertools.product((8, 16, 32), (32, 64), (2, 4, 6), (2, 4))],
-    # the tensor-core kernel
-    "dot": [dict(KERNEL="dot", BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
-            for p, k, s, w in itertools.product((8, 16, 32), (32, 64, 128), (2, 3, 4), (4, 8))],
 }
 CALLS = 20
 

@@ -29,11 +29,9 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column offset j
 # M <= gemv_max_m: GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
 AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 8, "dequant_mm_min_m": 1 << 30}
 _GEMV_LIMIT = 8
-# Launch parameters of the decode GEMV: KERNEL "fma" (`_awq_gemv_kernel`) or "dot" (`_awq_gemv_dot_kernel`),
-# BLOCK_P packed int32 columns (8 outputs each) per program, BLOCK_K rows per step (a divisor of the group size),
-# NUM_STAGES-deep software pipeline over a group's steps.
-AWQ_GEMV_CONFIG: dict[str, int | str] = {"KERNEL": "fma", "BLOCK_P": 32, "BLOCK_K": 32, "NUM_STAGES": 3,
-                                         "num_warps": 4}
+# Launch parameters of the decode GEMV: BLOCK_P packed int32 columns (8 outputs each) per program, BLOCK_K rows
+# per step (a divisor of the group size), NUM_STAGES-deep software pipeline over a group's steps.
+AWQ_GEMV_CONFIG: dict[str, int] = {"BLOCK_P": 32, "BLOCK_K": 32, "NUM_STAGES": 3, "num_warps": 4}
 AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
 
 
@@ -209,70 +207,6 @@ if HAS_TRITON:
                    SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False, HAS_BIAS)
 
     @triton.jit
-    def _join8(t0, t1, t2, t3, t4, t5, t6, t7):
-        """Eight [.., C] tensors -> [.., C, 2, 2, 2], which the caller flattens to [.., 8C]; doing the same to
-        the column indices keeps values and columns paired whatever order the joins leave them in."""
-        return tl.join(tl.join(tl.join(t0, t1), tl.join(t2, t3)), tl.join(tl.join(t4, t5), tl.join(t6, t7)))
-
-    @triton.jit
-    def _biased_halves(words):
-        """int32 words [.., C] -> fp16 [.., C, 2, 2, 2] holding 1024 + each nibble (`_join8` of nibbles 0..7):
-        the nibble OR-ed under the exponent bits of 1024.0 (0x6400) is the exact half, with no int-to-float
-        convert (a quarter-rate instruction on the H100)."""
-        h0 = ((words & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h1 = (((words >> 4) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h2 = (((words >> 8) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h3 = (((words >> 12) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h4 = (((words >> 16) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h5 = (((words >> 20) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h6 = (((words >> 24) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        h7 = (((words >> 28) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return _join8(h0, h1, h2, h3, h4, h5, h6, h7)
-
-    @triton.jit
-    def _awq_gemv_dot_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,
-                             SPLIT_K, stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr):
-        """Decode kernel on tensor cores: the same tiling as `_awq_gemv_kernel` (BLOCK_P packed columns, one K
-        split of whole groups), but each K step expands its int4 codes to exact halves minus the zero point
-        (`_biased_halves`: integers -15..15, so exact in fp16 and bf16) and multiplies them with the activation
-        rows (padded to a 16-row tile) by `tl.dot`; the group's scale multiplies the fp32 sums once per group
-        and column. Output columns come out in `_join8` order and are stored to their own indices. DOT_F32: fp32
-        operands and IEEE products (fp32 activations, and bf16 under the interpreter, see `awq_gemm_triton`)."""
-        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < N // 8
-        base = 8 * offs_p
-        cols = tl.reshape(_join8(base, base + 2, base + 4, base + 6, base + 1, base + 3, base + 5, base + 7),
-                          (8 * BLOCK_P,))  # nibble i holds column 8p + AWQ_ORDER[i]
-        mask_c = cols < N
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        offs_k = tl.arange(0, BLOCK_K)
-        k_begin = tl.program_id(1) * K_PER_SPLIT
-        k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
-        acc = tl.zeros([BLOCK_M, 8 * BLOCK_P], dtype=tl.float32)
-        for g0 in range(k_begin, k_stop, GROUP_SIZE):
-            group = g0 // GROUP_SIZE
-            zeros = tl.reshape(_biased_halves(tl.load(qz_ptr + group * (N // 8) + offs_p, mask=mask_p, other=0)),
-                               (8 * BLOCK_P,))
-            sums = tl.zeros([BLOCK_M, 8 * BLOCK_P], dtype=tl.float32)
-            for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
-                k = k0 + offs_k
-                q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + offs_p[None, :], mask=mask_p[None, :],
-                            other=0, eviction_policy="evict_first")
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
-                w = tl.reshape(_biased_halves(q), (BLOCK_K, 8 * BLOCK_P)) - zeros[None, :]
-                if DOT_F32:
-                    sums = tl.dot(x.to(tl.float32), w.to(tl.float32), sums, input_precision="ieee")
-                else:
-                    sums = tl.dot(x, w.to(x.dtype), sums)
-            scale = tl.load(s_ptr + group * N + cols, mask=mask_c, other=0.0).to(tl.float32)
-            acc += sums * scale[None, :]
-        store_tile(acc, offs_m, cols, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False,
-                   HAS_BIAS)
-
-    @triton.jit
     def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_N: tl.constexpr):
         pid_k = tl.program_id(0)
@@ -354,7 +288,7 @@ def awq_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 
 def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
-                    config: dict[str, int | str] | None = None) -> torch.Tensor:
+                    config: dict[str, int] | None = None) -> torch.Tensor:
     """Decode GEMV for M <= 8: column tiles x K splits (whole groups per split) to fill the GPU, one launch."""
     m, n, k = _check(x, qweight, qzeros, scales, group_size)
     if m > _GEMV_LIMIT:
@@ -365,9 +299,6 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if m == 0:
         return out
     cfg = dict(AWQ_GEMV_CONFIG, **(config or {}))
-    kernel = cfg.pop("KERNEL")
-    if kernel not in ("fma", "dot"):
-        raise ValueError(f"unknown AWQ GEMV kernel {kernel!r}; expected 'fma' or 'dot'")
     if group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {group_size}")
     tiles = cdiv(n // AWQ_PACK, cfg["BLOCK_P"])
@@ -377,14 +308,10 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     split = cdiv(k, k_per_split)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     counters = split_counters(x.device, tiles) if split > 1 else out
-    if kernel == "dot":
-        dot_f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and TRITON_INTERPRETED)
-        launch, extra = _awq_gemv_dot_kernel, {"BLOCK_M": 16, "DOT_F32": dot_f32}
-    else:
-        launch, extra = _awq_gemv_kernel, {"BLOCK_M": next_power_of_2(m)}
-    launch[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws, counters, m, n, k,
-                           k_per_split, split, x.stride(0), out.stride(0), GROUP_SIZE=group_size,
-                           HAS_BIAS=bias is not None, **extra, **cfg)
+    _awq_gemv_kernel[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws,
+                                     counters, m, n, k, k_per_split, split, x.stride(0), out.stride(0),
+                                     GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m),
+                                     **cfg)
     return out
 
 
