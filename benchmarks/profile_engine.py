@@ -3,7 +3,7 @@
 Times engine phases (schedule / model runner / output processing) by wrapping them, and the GPU time of
 one bs=1 decode graph replay with CUDA events (also recaptured with programmatic dependent launch flipped),
 then prints a torch.profiler table per case (GPU kernels for the decode graph and the 8000-token prefill,
-host and GPU for the 512-token one).
+host and GPU for the 512-token one), and the Triton JIT compiles of start-up and of the throughput run.
 
     PYTHONPATH=$PWD python benchmarks/profile_engine.py --model benchmarks/models/qwen3-8b
 """
@@ -32,6 +32,35 @@ def timed(name: str, fn):
         finally:
             PHASES[name] += time.perf_counter() - t
     return wrapper
+
+
+def watch_compiles() -> list[tuple[str, float]]:
+    """From now on, (kernel, seconds) of every Triton JIT compile (disk-cache hits included): a compile in a timed
+    section is host time the GPU waits through. Returns the live list (empty where Triton has no hooks)."""
+    events: list[tuple[str, float]] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        return events
+    started: dict[str, float] = {}
+
+    def before(**kw) -> bool:
+        started[kw["repr"]] = time.perf_counter()
+        return False
+
+    def after(**kw) -> None:
+        events.append((kw["repr"], time.perf_counter() - started.pop(kw["repr"], time.perf_counter())))
+
+    knobs.runtime.jit_cache_hook = before
+    knobs.runtime.jit_post_compile_hook = after
+    return events
+
+
+def compile_report(events: list[tuple[str, float]], since: int, label: str) -> None:
+    new = events[since:]
+    print(f"{label}: {len(new)} Triton compiles, {sum(t for _, t in new):.2f} s")
+    for name, seconds in new[:12]:
+        print(f"  {seconds:6.2f} s  {name[:200]}")
 
 
 def graph_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
@@ -66,6 +95,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=256, help="throughput-run prompts; 0 skips that run")
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (online)")
     args = ap.parse_args()
+    compiles = watch_compiles()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=256, quantization=args.quantization)
     engine, runner = llm.engine, llm.engine.model_runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
@@ -127,8 +157,11 @@ def main() -> None:
         engine.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
+    compile_report(compiles, 0, "start-up and the latency cases")
     if args.num_prompts:
+        before = len(compiles)
         throughput_run(llm, ids, args.num_prompts)
+        compile_report(compiles, before, "throughput run")
 
 
 def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) -> None:
