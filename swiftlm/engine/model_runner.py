@@ -175,20 +175,30 @@ class ModelRunner:
         return blocks
 
     def _profile_run(self) -> None:
-        """One forward at the largest step size, against a one-block cache, to measure peak activation memory."""
+        """Forwards at the largest step size, against a one-block (zeroed) cache, to measure peak activation
+        memory: one fresh prompt (SDPA), then one decode row and a prompt continuing a cached prefix (the decode
+        and paged prefill kernels of mixed steps). The second also compiles those kernels now rather than in the
+        first request that needs them (a Triton compile took 1.8 s on the H100 host)."""
         self._allocate_kv_cache(1)
         torch.cuda.reset_peak_memory_stats(self.device)
         n = self.max_num_tokens
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        meta = AttentionMetadata(
+        fresh = AttentionMetadata(
             slot_mapping=torch.zeros(n, dtype=torch.int64, device=self.device),
             block_tables=torch.zeros(1, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_seqlen_q=n,
             fresh_prefill_lens=[n])
-        with forward_context(meta):
-            hidden = self.model(ids, ids)
-        self.model.compute_logits(hidden[: self.max_num_seqs])
+        mixed = AttentionMetadata(
+            slot_mapping=fresh.slot_mapping,
+            block_tables=torch.zeros(2, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n, n], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, n - 1], dtype=torch.int32, device=self.device), max_seqlen_q=n - 1,
+            num_decodes=1)
+        for meta in (fresh, mixed) if n > 1 else (fresh,):
+            with forward_context(meta):
+                hidden = self.model(ids, ids)
+            self.model.compute_logits(hidden[: self.max_num_seqs])
         torch.cuda.synchronize(self.device)
         self._allocate_kv_cache(0)
         torch.cuda.empty_cache()

@@ -280,7 +280,7 @@ if HAS_TRITON:
                      input_precision=DOT_PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["bt_ptr", "cu_q_ptr", "seq_lens_ptr"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, out_ptr,
         qk_scale, v_scale,

@@ -615,7 +615,7 @@ if HAS_TRITON:
                 count_mask = count_mask & (rows < tl.load(limit_ptr))[:, None]
             tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, TOP_K_PAD), 1, tl.int64), mask=count_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr, T, E, stride_t, stride_e,
                       TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
                       HAS_LIMIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -640,7 +640,7 @@ if HAS_TRITON:
             acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, TAIL, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
         return acc, ssq
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr,
                            r_ptr, g_ptr, r_out_ptr, normed_ptr, T, E, stride_xm, stride_wn, stride_rm, stride_rom,
                            stride_nm, eps, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
@@ -757,7 +757,7 @@ if HAS_TRITON:
         c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & (offs_n[None, :] < N))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs"])
     def _moe_low_latency_kernel(
         a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, topk_w_ptr, topk_ids_ptr,
         N, K, num_pairs, up_offset,
@@ -798,7 +798,7 @@ if HAS_TRITON:
                         a_scale_ptr, a_rows, w_scale_ptr, expert, stride_se, stride_sn, up_offset, topk_w_ptr,
                         FUSE_SILU, APPLY_ROUTING, FP8)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_m_blocks", "num_pairs"])
     def _moe_grouped_kernel(
         a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, topk_w_ptr,
         sorted_ids_ptr, expert_ids_ptr, post_pad_ptr, num_m_blocks,

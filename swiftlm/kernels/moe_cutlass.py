@@ -137,7 +137,7 @@ if HAS_TRITON:
             tl.store(rows_ptr + rows[:, None] * stride_r + offs[None, :], copies,
                      mask=(slots < TOP_K)[:, None] & mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _count_kernel(ids_ptr, counts_ptr, n, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
         """Program (block of pairs): counts[e] += how many of its pairs go to expert e."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -104,7 +104,7 @@ if triton is not None:
         x ^= x >> 16
         return x
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])
     def _gumbel_argmax_kernel(logits_ptr, row_stride, inv_t_ptr, thresh_ptr, keys_ptr, random_ptr,
                               best_val_ptr, best_idx_ptr, num_rows, vocab_size, num_blocks,
                               HAS_THRESH: tl.constexpr, BLOCK: tl.constexpr):
