@@ -640,7 +640,7 @@ if HAS_TRITON:
             acc = fma_tile(acc, w, x_ptr, stride_xm, T, k, K, TAIL, BLOCK_T, BLOCK_N, BLOCK_K, CHUNK)
         return acc, ssq
 
-    @triton.jit(do_not_specialize=["T"])
+    @triton.jit
     def _gate_route_kernel(x_ptr, w_ptr, ws_ptr, cnt_ptr, weights_ptr, ids_ptr, counts_ptr, limit_ptr,
                            r_ptr, g_ptr, r_out_ptr, normed_ptr, T, E, stride_xm, stride_wn, stride_rm, stride_rom,
                            stride_nm, eps, K: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
@@ -757,7 +757,7 @@ if HAS_TRITON:
         c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & (offs_n[None, :] < N))
 
-    @triton.jit(do_not_specialize=["num_pairs"])
+    @triton.jit
     def _moe_low_latency_kernel(
         a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, topk_w_ptr, topk_ids_ptr,
         N, K, num_pairs, up_offset,
