@@ -14,7 +14,10 @@ tail).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import sys
 import time
 
 import torch
@@ -101,7 +104,10 @@ def main() -> None:
             rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           git_commit=os.environ.get("SWIFTLM_COMMIT", "unknown"), command=" ".join(sys.argv),
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
