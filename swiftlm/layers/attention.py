@@ -60,28 +60,28 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     `cudnn_rows(n)` queries, which attend only to each other (causal), as a square cuDNN problem; then its last
     queries over all n keys with the causal mask aligned bottom-right, which FlashAttention splits over the keys
     (a 64-query tail of an 8000-token prompt would otherwise keep one program per head walking 8000 keys)."""
-    _, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
+    num_kv_heads = k.shape[1]
+    group = q.shape[1] // num_kv_heads
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     on_gpu = q.is_cuda
     start = 0
     for n in lens:
-        seq = slice(start, start + n)
         aligned = cudnn_rows(n)
         if aligned:
-            part = slice(start, start + aligned)
+            rows = slice(start, start + aligned)
             with sdpa_kernel(_CUDNN_FIRST, set_priority=True) if on_gpu else nullcontext():
-                o = F.scaled_dot_product_attention(_by_kv_head(q[part], k.shape[1], group), _shared_kv(k[part], group),
-                                                   _shared_kv(v[part], group), is_causal=True, scale=scale)
-            _by_kv_head(out[part], k.shape[1], group).copy_(o)
+                o = F.scaled_dot_product_attention(_by_kv_head(q[rows], num_kv_heads, group),
+                                                   _shared_kv(k[rows], group), _shared_kv(v[rows], group),
+                                                   is_causal=True, scale=scale)
+            _by_kv_head(out[rows], num_kv_heads, group).copy_(o)
         if aligned < n:
-            tail = slice(start + aligned, start + n)
+            rows, keys = slice(start + aligned, start + n), slice(start, start + n)
             with sdpa_kernel(_NO_CUDNN) if on_gpu else nullcontext():
-                o = F.scaled_dot_product_attention(_by_kv_head(q[tail], k.shape[1], group), _shared_kv(k[seq], group),
-                                                   _shared_kv(v[seq], group), scale=scale,
-                                                   attn_mask=causal_lower_right(n - aligned, n))
-            _by_kv_head(out[tail], k.shape[1], group).copy_(o)
+                o = F.scaled_dot_product_attention(_by_kv_head(q[rows], num_kv_heads, group),
+                                                   _shared_kv(k[keys], group), _shared_kv(v[keys], group),
+                                                   scale=scale, attn_mask=causal_lower_right(n - aligned, n))
+            _by_kv_head(out[rows], num_kv_heads, group).copy_(o)
         start += n
     return out
 
@@ -112,7 +112,8 @@ class AttentionMetadata:
     num_decodes (None on decode-only steps, where every sequence has exactly one). fresh_prefill_lens: host-side
     lengths of the trailing sequences that start at position 0 (no cached prefix), which SDPA computes on their
     new K/V directly (`fresh_prefill_attention`); the paged kernel takes the prompts before them.
-    padded_tokens: the flat batch ends with tokens of no sequence (prefill CUDA graphs); their attention output is zeroed so no NaN reaches later layers (e.g. an MoE router).
+    padded_tokens: the flat batch ends with tokens of no sequence (prefill CUDA graphs); their attention output
+    is zeroed so no NaN reaches later layers (e.g. an MoE router).
     num_real_tokens: [1] int32, set on CUDA-graph steps whose batch ends with padding tokens (decode rows or
     prefill tokens of no sequence): how many leading tokens are real, for MoE expert statistics.
     """
