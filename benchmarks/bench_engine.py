@@ -76,7 +76,8 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, 
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              async_scheduling=not args.no_async_scheduling)
     engine = llm.engine
     ready_s = time.perf_counter() - PROCESS_START
     ceil = measure_ceilings()
@@ -222,6 +223,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="read each step's tokens before scheduling the next (the synchronous engine, for comparison)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -247,7 +250,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
               "command": " ".join(sys.argv), "model": args.model, "ceilings": ceil, "swiftlm": ours,
-              "pdl": os.environ.get("SWIFTLM_PDL", "1") != "0",
+              "pdl": os.environ.get("SWIFTLM_PDL", "1") != "0", "async_scheduling": not args.no_async_scheduling,
               "transformers": hf}
     if args.json:
         with open(args.json, "w") as f:

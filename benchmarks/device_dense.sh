@@ -13,8 +13,12 @@
 #               throughput run (GPU vs wall time per step kind), the Qwen3-8B bench_engine run, and Qwen3-30B-A3B
 #               without the throughput run;
 #   ttft:       the attention kernel tests on CUDA, the Qwen3-8B profile without its throughput run, then
-#               bench_engine without the throughput run for Qwen3-8B bf16 and FP8 and Qwen3-30B-A3B bf16.
-# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh check|tpot|sweep|throughput|attention|ttft OUT_DIR
+#               bench_engine without the throughput run for Qwen3-8B bf16 and FP8 and Qwen3-30B-A3B bf16;
+#   async:      the GPU engine and asynchronous-scheduling tests on CUDA, then the full Qwen3-8B bf16 bench_engine
+#               run with asynchronous scheduling and without it (the peer in the same run);
+#   async-more: the Qwen3-8B profile without its throughput run, bench_engine for Qwen3-8B FP8 (no throughput
+#               run) and Qwen3-30B-A3B bf16 (throughput included), all with asynchronous scheduling.
+# Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh PART OUT_DIR  (PART: one of the above)
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -68,6 +72,18 @@ case "$part" in
     bench qwen3-8b --model $dense --skip-throughput --iters 1
     bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
     bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
+    ;;
+  async)
+    python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+    python3 -m pytest -q tests/test_async_scheduling.py 2>&1 | tail -4 | tee "$out/async_tests.txt"
+    bench qwen3-8b --model $dense --iters 1
+    bench qwen3-8b-sync --model $dense --iters 1 --no-async-scheduling
+    ;;
+  async-more)
+    python3 benchmarks/profile_engine.py --model $dense --num-prompts 0 > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
+    grep -E "^bs=1|^prefill [0-9]" "$out/profile_qwen3-8b_h100_$commit.txt"
+    bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
+    bench qwen3-30b-a3b --model $moe --iters 1
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -32,6 +32,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
     g.add_argument("--revision", default=None)
     g.add_argument("--expert-stats", action="store_true", help="count tokens routed to each MoE expert")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="read each step's tokens before scheduling the next (the GPU idles while Python runs)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -15,7 +15,9 @@ class EngineConfig:
 
     `model=None` means the embedded demo model. `load_format="dummy"` makes random weights on the device
     (vLLM's convention) so a directory holding only config.json can be benchmarked. `dtype="auto"` is bf16 on
-    GPU and fp32 on CPU. `max_model_len=None` takes the config's `max_position_embeddings`.
+    GPU and fp32 on CPU. `max_model_len=None` takes the config's `max_position_embeddings`. `async_scheduling`
+    lets the host schedule and launch step n+1 before it reads step n's tokens, so the GPU does not wait for
+    Python between steps (a token that turns out to end its request costs one wasted row in the next step).
     """
 
     model: str | None = None
@@ -35,6 +37,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
     expert_stats: bool = False
+    async_scheduling: bool = True
     revision: str | None = None
     extra: dict = field(default_factory=dict)
 

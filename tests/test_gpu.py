@@ -113,6 +113,23 @@ def test_seeded_sampling_is_batch_independent(checkpoint, make_llm) -> None:
     assert mixed[1].token_ids == alone
 
 
+def test_async_scheduling_equals_sync(checkpoint, make_llm) -> None:
+    """Pending ids filled on the device, samples copied back behind events: the same tokens and logprobs as the
+    synchronous engine, bit for bit (no request stops early, so every step's batch is the same in both)."""
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=17, temperature=1.0, top_k=20, seed=8, ignore_eos=True)]
+
+    def run(async_scheduling: bool) -> list[tuple]:
+        llm = make_llm(checkpoint, gpu_memory_utilization=0.15, max_num_seqs=16, async_scheduling=async_scheduling)
+        outs = llm.generate(_prompts(), params, use_tqdm=False)
+        release(llm)
+        return [(o.token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs or []]) for o in outs]
+
+    assert run(True) == run(False)
+
+
 def test_tuned_gemv_configs_match_fp32_math() -> None:
     """Every shape the linear layers route through the decode GEMV, at the largest M of its bucket."""
     from swiftlm.kernels import gemv as gk

@@ -1,17 +1,19 @@
-"""LLMEngine: requests in, one scheduler + model step at a time, RequestOutputs out. Single-threaded."""
+"""LLMEngine: requests in, one scheduler + model step at a time (the next one launched before the last one's
+tokens are read), RequestOutputs out. Single-threaded."""
 from __future__ import annotations
 
 import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator
-from swiftlm.engine.model_runner import ModelRunner
-from swiftlm.engine.scheduler import Scheduler
+from swiftlm.engine.model_runner import ModelRunner, StepSamples
+from swiftlm.engine.scheduler import Scheduler, SchedulerOutput
 from swiftlm.engine.sequence import Sequence
 from swiftlm.loader.checkpoint import load_generation_config, load_hf_config, resolve_model_path
 from swiftlm.outputs import EngineStats, RequestMetrics, RequestOutput, TokenLogprob
@@ -33,6 +35,15 @@ def load_tokenizer(path: str):
     except (OSError, ValueError, TypeError) as exc:
         logger.warning("no tokenizer loaded from %s (%s): only token-id prompts will work", path, exc)
         return None
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on the device whose tokens the host has not read: the sequences that sample, in sample-row order."""
+
+    seqs: list[Sequence]
+    samples: StepSamples
+    sync: bool
 
 
 class LLMEngine:
@@ -57,6 +68,7 @@ class LLMEngine:
         self.scheduler = Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
+        self._in_flight: _LaunchedStep | None = None
         self._rng = random.Random(config.seed)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -121,7 +133,7 @@ class LLMEngine:
         self._pending.append(self._output(seq, [], "", None))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._in_flight is not None
 
     def get_stats(self) -> EngineStats:
         alloc = self.scheduler.allocator
@@ -151,27 +163,70 @@ class LLMEngine:
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next step, then read the tokens of the step before it (asynchronous
+        scheduling) or of this one (synchronous: `async_scheduling=False`, or a batch that sampled a penalized
+        request, whose next step needs its real output tokens). Returns the outputs read."""
         outputs, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        launched = None
+        try:
+            launched = self._launch(self.scheduler.schedule(), previous)
+            if previous is not None:
+                outputs += self._read(previous)
+            if launched is not None and (launched.sync or not self.config.async_scheduling):
+                outputs += self._read(launched)
+            else:
+                self._in_flight = launched
+        except BaseException:
+            for step in (previous, launched):
+                if step is not None:
+                    self._drop(step)
+            self._in_flight = None
+            raise
+        return outputs
+
+    def _launch(self, batch: SchedulerOutput, previous: _LaunchedStep | None) -> _LaunchedStep | None:
         if batch.is_empty:
-            return outputs
+            return None
         now = time.monotonic()
         for item in batch.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
                 self.prompt_tokens_total += item.seq.num_prompt_tokens
-        sample_rows, sampled = self.model_runner.execute(batch)
+        pending = previous.samples.device.token_ids if previous is not None else None
+        sample_rows, samples = self.model_runner.execute(batch, pending)
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-        if sampled is None:
-            return outputs
+        if samples is None:
+            return None
+        seqs = [batch.scheduled[row].seq for row in sample_rows]
+        for row, seq in enumerate(seqs):
+            seq.num_pending += 1
+            seq.pending_row = row
+        sync = any(seq.params.repetition_penalty != 1.0 or seq.params.presence_penalty != 0.0
+                   or seq.params.frequency_penalty != 0.0 for seq in seqs)
+        return _LaunchedStep(seqs, samples, sync)
+
+    def _read(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a step's samples and append each to its sequence; sequences that finished meanwhile (a stop
+        read from the step before, an abort) drop theirs."""
+        sampled = step.samples.result()
         token_ids = sampled.token_ids.tolist()
         logprob_rows = self._logprob_rows(sampled, len(token_ids))
         now = time.monotonic()
-        for k, row in enumerate(sample_rows):
-            seq = batch.scheduled[row].seq
-            outputs.append(self._append_token(seq, token_ids[k], logprob_rows[k] if logprob_rows else None, now))
+        outputs = []
+        for k, seq in enumerate(step.seqs):
+            if not seq.is_finished:
+                seq.num_pending -= 1
+                outputs.append(self._append_token(seq, token_ids[k], logprob_rows[k] if logprob_rows else None,
+                                                  now))
         return outputs
+
+    def _drop(self, step: _LaunchedStep) -> None:
+        """A step failed with this one launched: its sequences cannot be trusted to continue, so they end."""
+        for seq in step.seqs:
+            if not seq.is_finished:
+                self.abort_request(seq.request_id)
 
     @staticmethod
     def _logprob_rows(sampled, n: int) -> list[tuple[float, list[int], list[float]]] | None:
@@ -203,12 +258,13 @@ class LLMEngine:
             delta, matched = seq.detokenizer.append([token])
             if matched is not None:
                 finish, stop_reason = "stop", matched
-        if finish is None and seq.num_output_tokens >= seq.max_tokens:
+        if finish is None and len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_tokens:
             finish = "length"
         if finish is not None and seq.detokenizer is not None and not isinstance(stop_reason, str):
             delta += seq.detokenizer.finish()
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
+            seq.num_pending = 0  # a token sampled after the stop is never read
             metrics.finished_time = now
             self.scheduler.finish(seq)
             self.requests.pop(seq.request_id, None)

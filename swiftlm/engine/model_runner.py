@@ -3,6 +3,11 @@
 Step inputs are packed into one pinned int32 host buffer with fixed segment offsets and moved with a single
 host-to-device copy into a device buffer of the same layout. Decode-only steps replay a CUDA graph captured
 for the next larger batch size; those graphs read the same device buffer, so a replay needs no extra copies.
+
+Nothing in `execute` waits for the device: the host may pack step n+1 while step n runs (asynchronous
+scheduling). Two pinned buffers alternate so a pack never overwrites one that an earlier upload still reads;
+input ids that step n sampled come from its device tensor (`fill_sampled_ids`), and the samples travel back
+to pinned host memory behind an event (`StepSamples`).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 from swiftlm.config import EngineConfig
 from swiftlm.engine.kv_cache import BlockAllocator, cdiv
 from swiftlm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from swiftlm.kernels.sampled_ids import fill_sampled_ids
 from swiftlm.layers.attention import AttentionMetadata, forward_context, warm_fresh_attention
 from swiftlm.loader.checkpoint import has_weights, init_dummy_weights, iterate_weights
 from swiftlm.models import get_model_class
@@ -70,11 +76,43 @@ class _Segments:
         self.cu_q = self.seq_lens + s
         self.logits_idx = self.cu_q + s + 1
         self.num_real_tokens = self.logits_idx + s
-        self.block_tables = self.num_real_tokens + 1
+        self.fill_pos = self.num_real_tokens + 1
+        self.fill_row = self.fill_pos + s
+        self.block_tables = self.fill_row + s
         self.total = self.block_tables + s * self.width
 
     def end(self, rows: int) -> int:
         return self.block_tables + rows * self.width
+
+
+@dataclass
+class StepSamples:
+    """One step's samples: on the device (the next step's input ids may read them before the host has) and a
+    copy on its way to pinned host memory. `result()` waits for that copy only, not for steps launched after."""
+
+    device: SamplerOutput
+    host: SamplerOutput
+    ready: torch.cuda.Event | None = None
+
+    @classmethod
+    def copy_to_host(cls, out: SamplerOutput) -> "StepSamples":
+        if not out.token_ids.is_cuda:
+            return cls(out, out)
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        host = SamplerOutput(copy(out.token_ids), copy(out.logprobs), copy(out.top_ids), copy(out.top_logprobs))
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(out, host, ready)
+
+    def result(self) -> SamplerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
 
 
 class ModelRunner:
@@ -98,7 +136,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.seg = _Segments(self.max_num_tokens, self.max_num_seqs, cdiv(max_model_len, self.block_size))
         pin = self.device.type == "cuda"
-        self.host_buf = torch.zeros(self.seg.total, dtype=torch.int32, pin_memory=pin)
+        self.host_bufs = [torch.zeros(self.seg.total, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.uploaded: list[torch.cuda.Event | None] = [None, None]
+        self.host_index = 0
+        self.host_buf = self.host_bufs[0]
         self.host_np = self.host_buf.numpy()
         self.dev_buf = torch.zeros(self.seg.total, dtype=torch.int32, device=self.device)
         self.logits_buf = torch.empty(self.max_num_seqs, self.vocab_size, dtype=torch.float32, device=self.device)
@@ -109,6 +150,7 @@ class ModelRunner:
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda":
             self._warm_fresh_attention()
+            self._fill_pending(0, torch.zeros(1, dtype=torch.int64, device=self.device))  # compile it now
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         if config.expert_stats:
@@ -226,16 +268,19 @@ class ModelRunner:
         return self.dev_buf[self.seg.num_real_tokens: self.seg.num_real_tokens + 1]
 
     def _pack(self, batch: SchedulerOutput, rows: int, pad_tokens_to: int | None = None,
-              num_decodes: int = 0) -> tuple[int, int, list[int]]:
-        """Fill the host buffer; returns (tokens, max query length, indices of sampling rows).
+              num_decodes: int = 0) -> tuple[int, int, list[int], int]:
+        """Fill the host buffer; returns (tokens, max query length, indices of sampling rows, pending ids).
 
         `pad_tokens_to` pads the flat token list (prefill graphs): padding tokens belong to no sequence and
         write their K/V into the reserved block. The query offsets start after the first `num_decodes` rows
-        (see `AttentionMetadata.num_decodes`).
+        (see `AttentionMetadata.num_decodes`). A decode on a pending token (sampled by the step in flight; the
+        scheduler never puts one inside a prompt chunk) gets id 0 here and a (token, sample row) pair in the
+        fill segments, which `execute` resolves on the device.
         """
         s, h, bs = self.seg, self.host_np, self.block_size
         t = 0
         max_q = 1
+        fills = 0
         sample_rows: list[int] = []
         bt = h[s.block_tables: s.end(rows)].reshape(rows, s.width)
         h[s.cu_q] = 0
@@ -245,7 +290,13 @@ class ModelRunner:
             table = seq.block_table
             bt[i, : len(table)] = table
             if n == 1:
-                h[s.ids + t] = seq.token_ids[start]
+                if start < len(seq.token_ids):
+                    h[s.ids + t] = seq.token_ids[start]
+                else:
+                    h[s.ids + t] = 0
+                    h[s.fill_pos + fills] = t
+                    h[s.fill_row + fills] = seq.pending_row
+                    fills += 1
                 h[s.pos + t] = start
                 h[s.slots + t] = table[start // bs] * bs + start % bs
             else:
@@ -273,24 +324,53 @@ class ModelRunner:
             h[s.ids + t: s.ids + pad_tokens_to] = 0
             h[s.pos + t: s.pos + pad_tokens_to] = 0
             h[s.slots + t: s.slots + pad_tokens_to] = BlockAllocator.NULL_BLOCK
-        return t, max_q, sample_rows
+        return t, max_q, sample_rows, fills
+
+    def _next_host_buffer(self) -> None:
+        """Switch to the other pinned buffer, once the upload that last read it has finished (long ago: a step
+        ahead of the device at most, the host is only ever one buffer ahead)."""
+        self.host_index ^= 1
+        done = self.uploaded[self.host_index]
+        if done is not None:
+            done.synchronize()
+        self.host_buf = self.host_bufs[self.host_index]
+        self.host_np = self.host_buf.numpy()
 
     def _upload(self, rows: int) -> None:
         end = self.seg.end(rows)
         self.dev_buf[:end].copy_(self.host_buf[:end], non_blocking=True)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self.uploaded[self.host_index] = done
+
+    def _fill_pending(self, fills: int, sampled: torch.Tensor) -> None:
+        """Write the first `fills` packed (token, sample row) pairs' sampled ids into the device input ids."""
+        s, d = self.seg, self.dev_buf
+        fill_sampled_ids(d[s.ids: s.ids + self.max_num_tokens], d[s.fill_pos: s.fill_pos + fills],
+                         d[s.fill_row: s.fill_row + fills], sampled, self.max_num_seqs)
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[list[int], SamplerOutput | None]:
-        """Run one forward; returns (indices of scheduled seqs that sampled, sampler output for them)."""
+    def execute(self, batch: SchedulerOutput, pending: torch.Tensor | None = None
+                ) -> tuple[list[int], StepSamples | None]:
+        """Launch one forward and its sampling without waiting for either; returns (indices of scheduled seqs
+        that sampled, their samples). `pending`: the token ids sampled by the step still in flight, which the
+        sequences' pending tokens (`Sequence.pending_row`) are read from."""
         num_rows = len(batch.scheduled)
         graph_bs = self._graph_size(num_rows) if batch.decode_only else None
         prefill_graph = None if batch.decode_only else self._prefill_graph_size(batch)
         rows = graph_bs or num_rows
         eager_prefill = graph_bs is None and prefill_graph is None and not batch.decode_only
         num_decodes = _leading_decodes(batch) if eager_prefill else 0
-        tokens, max_q, sample_rows = self._pack(batch, rows, pad_tokens_to=prefill_graph, num_decodes=num_decodes)
+        self._next_host_buffer()
+        tokens, max_q, sample_rows, fills = self._pack(batch, rows, pad_tokens_to=prefill_graph,
+                                                       num_decodes=num_decodes)
         fresh = _fresh_tail(batch.scheduled[num_decodes:]) if eager_prefill else None
         self._upload(rows)
+        if fills:
+            if pending is None:
+                raise RuntimeError("the batch has pending tokens but no samples to read them from")
+            self._fill_pending(fills, pending)
         if graph_bs is not None:
             self.graphs[graph_bs].replay()
             logits = self.logits_buf[:num_rows]
@@ -312,7 +392,7 @@ class ModelRunner:
                                  prompt_token_ids=q.prompt_token_ids, output_token_ids=q.output_token_ids,
                                  eos_token_ids=q.eos_token_ids) for q in seqs]
         sampling = SamplingBatch.build(rows_meta, self.vocab_size, self.device)
-        return sample_rows, self.sampler(logits, sampling)
+        return sample_rows, StepSamples.copy_to_host(self.sampler(logits, sampling))
 
     @torch.inference_mode()
     def _warm_fresh_attention(self) -> None:

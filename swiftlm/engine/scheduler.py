@@ -4,6 +4,11 @@ Each step: running decodes first (one token each, oldest first), then running se
 being prefilled, then waiting requests in arrival order, each taking as many prompt tokens as the budget leaves.
 When blocks run out, the newest running sequence is preempted (its blocks freed, its tokens recomputed later),
 so the oldest requests keep making progress.
+
+Under asynchronous scheduling a sequence may have a token still on the device (`num_pending`): it decodes on
+that token (the model runner reads it from the device), but is not scheduled once its every token has been
+sampled (`done_sampling`; it finishes when the engine reads the last one), nor readmitted after a preemption
+until the pending token is read, so prompt chunks never hold a pending token.
 """
 from __future__ import annotations
 
@@ -67,8 +72,8 @@ class Scheduler:
         for seq in order:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.done_sampling:
+                continue  # preempted earlier in this loop, or only waiting for its last token to be read
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n, scheduled):
                 continue
@@ -76,6 +81,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token still on the device: it comes back once the engine has read it
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.allocator.blocks_needed(len(seq.block_table), seq.num_computed_tokens + n)
             if not self.allocator.can_allocate(need):

@@ -16,7 +16,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One generation. `token_ids` = prompt + output; `num_computed_tokens` of them have KV in the cache."""
+    """One generation. `token_ids` = prompt + the output tokens the host has seen; `num_pending` more were sampled
+    on the device by steps still in flight (asynchronous scheduling), the last of them at row `pending_row` of
+    the latest step's samples. `num_computed_tokens` of all `num_tokens` have KV in the cache."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -33,6 +35,8 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     detokenizer: object | None = None
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -42,7 +46,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known and pending tokens: what the scheduler computes and positions count."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -50,11 +55,18 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        """Generated tokens, pending ones included (the index of the next token to sample)."""
+        return self.num_tokens - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The generated tokens the host has seen."""
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def done_sampling(self) -> bool:
+        """Every token it may generate has been sampled (some may still be pending)."""
+        return self.num_output_tokens >= self.max_tokens
 
     @property
     def is_finished(self) -> bool:
