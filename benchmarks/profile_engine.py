@@ -143,7 +143,8 @@ def main() -> None:
             PHASES.clear()
             torch.cuda.synchronize()
             t = time.perf_counter()
-            engine.step()
+            while not engine.step():  # under asynchronous scheduling the token is read by a later step
+                pass
             wall = (time.perf_counter() - t) * 1e3
         print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
     engine.add_request("p8000", ids(8000), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
@@ -166,7 +167,8 @@ def main() -> None:
 
 def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) -> None:
     """Offline num_prompts x (1024 in / 256 out): wall time, step mix, wall and GPU seconds per step kind (GPU:
-    CUDA events around the model runner, so wall - GPU is the host time the GPU sat idle), engine phases, and
+    CUDA events around the model runner's launches; a step's wall time is the host's, which under asynchronous
+    scheduling overlaps the step before on the GPU), engine phases, and
     the GPU kernels of one mixed step (the 5th) and one decode step (the 100th)."""
     engine = llm.engine
     runner = engine.model_runner
@@ -175,7 +177,7 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
     seconds: collections.Counter = collections.Counter()
     gpu: collections.Counter = collections.Counter()
     kind = [""]
-    events: list[torch.cuda.Event] = []
+    timings: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []  # kind, mixed_log index, events
     profiling: list[profile] = []
     mixed_log: list[str] = []  # per mixed step: one-token rows + prompt tokens, GPU ms
     orig_schedule, orig_step, orig_execute = engine.scheduler.schedule, engine.step, runner.execute
@@ -198,12 +200,11 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
         start.record()
         out = orig_execute(*a, **k)
         end.record()
-        events[:] = [start, end]
+        timings.append((kind[0], len(mixed_log) - 1 if kind[0] == "mixed" else -1, start, end))
         return out
 
     def step(*a, **k):
         t0 = time.perf_counter()
-        events.clear()
         try:
             return orig_step(*a, **k)
         finally:
@@ -214,12 +215,6 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
                 print(f"throughput run, {kind[0]} step {steps[kind[0]]}, GPU kernels:")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
             seconds[kind[0]] += time.perf_counter() - t0
-            if events:
-                events[1].synchronize()
-                ms = events[0].elapsed_time(events[1])
-                gpu[kind[0]] += ms / 1e3
-                if kind[0] == "mixed":
-                    mixed_log[-1] += f":{ms:.0f}"
     engine.scheduler.schedule = count
     engine.step = step
     runner.execute = execute
@@ -227,6 +222,12 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
     llm.generate([ids(1024) for _ in range(num_prompts)], SamplingParams(max_tokens=256, ignore_eos=True,
                                                                       temperature=0.0), use_tqdm=False)
     total = time.perf_counter() - t
+    torch.cuda.synchronize()  # read the step timings only now: a sync per step would stall asynchronous scheduling
+    for step_kind, index, start, end in timings:
+        ms = start.elapsed_time(end)
+        gpu[step_kind] += ms / 1e3
+        if index >= 0:
+            mixed_log[index] += f":{ms:.0f}"
     print(f"throughput run: {total:.2f} s, {num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
           f"step wall s by kind: {', '.join(f'{k} {v:.2f}' for k, v in seconds.items())}; "
           f"GPU s (runner start to sampler end) by kind: {', '.join(f'{k} {v:.2f}' for k, v in gpu.items())}; "
