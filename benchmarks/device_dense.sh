@@ -17,7 +17,10 @@
 #   async:      the GPU engine and asynchronous-scheduling tests on CUDA, then the full Qwen3-8B bf16 bench_engine
 #               run with asynchronous scheduling and without it (the peer in the same run);
 #   async-more: the Qwen3-8B profile without its throughput run, bench_engine for Qwen3-8B FP8 (no throughput
-#               run) and Qwen3-30B-A3B bf16 (throughput included), all with asynchronous scheduling.
+#               run) and Qwen3-30B-A3B bf16 (throughput included), all with asynchronous scheduling;
+#   rope:       the attention kernel and GPU engine tests on CUDA, the Qwen3-8B profile without its throughput
+#               run, the full Qwen3-8B bf16 bench_engine run, then Qwen3-8B FP8 and Qwen3-30B-A3B bf16 without
+#               the throughput run.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh PART OUT_DIR  (PART: one of the above)
 set -uo pipefail
 part=$1; out=$2
@@ -84,6 +87,15 @@ case "$part" in
     grep -E "^bs=1|^prefill [0-9]" "$out/profile_qwen3-8b_h100_$commit.txt"
     bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
     bench qwen3-30b-a3b --model $moe --iters 1
+    ;;
+  rope)
+    python3 -m pytest -q tests/test_attention_kernels.py 2>&1 | tail -3 | tee "$out/attention_tests.txt"
+    python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+    python3 benchmarks/profile_engine.py --model $dense --num-prompts 0 > "$out/profile_qwen3-8b_h100_$commit.txt" 2>&1
+    grep -E "^bs=1|^prefill [0-9]" "$out/profile_qwen3-8b_h100_$commit.txt"
+    bench qwen3-8b --model $dense --iters 1
+    bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
+    bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ from swiftlm.kernels import attention as attn  # noqa: E402
 from swiftlm.layers import attention as attention_layer  # noqa: E402
 from swiftlm.layers.attention import Attention, AttentionMetadata, forward_context  # noqa: E402
 from swiftlm.layers.attention import fresh_prefill_attention  # noqa: E402
+from swiftlm.kernels.rope import compute_cos_sin_cache, rope_qk_norm_cache_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -422,3 +423,61 @@ def test_warm_fresh_attention_covers_every_aligned_length(monkeypatch) -> None:
     assert attention_layer.warm_fresh_attention(4, 2, 16, 0.25, torch.float32, torch.device("cpu"), 600) == 2
     width = (4 + 2 * 2) * 16
     assert calls == [((256, 4, 16), (width, 16, 1), [256], 0.25), ((512, 4, 16), (width, 16, 1), [512], 0.25)]
+
+
+# ---------------------------------------------------------------- decode with Q/K-norm + RoPE fused in
+
+
+def _rope_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+               norm: bool, cache_dtype: torch.dtype | None = None):
+    """A decode step before its rope: caches holding every row's first seq_len - 1 tokens, the new token's raw
+    q/k/v as strided views of one qkv tensor, its slot (the table's entry for position seq_len - 1)."""
+    q, kc, vc, bt, lens = decode_case(seq_lens, num_kv_heads, group, head_dim, 16, dtype)
+    if cache_dtype is not None:
+        kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    gen = torch.Generator().manual_seed(5)
+    hq = num_kv_heads * group
+    qkv = torch.randn(len(seq_lens), hq + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + num_kv_heads], qkv[:, hq + num_kv_heads:]
+    pos = (lens.long() - 1).clamp(min=0)
+    slots = (bt.gather(1, (pos // 16)[:, None]).squeeze(1).long() * 16 + pos % 16).to(DEVICE)
+    weights = [(1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)] if norm \
+        else [None, None]
+    rope = attn.DecodeRope(k, v, compute_cos_sin_cache(head_dim, 4096, 10000.0, DEVICE), slots, *weights, eps=1e-6)
+    return q, kc, vc, bt, lens, rope
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_with_rope_equals_rope_then_decode(dtype: torch.dtype, norm: bool, num_splits: int) -> None:
+    """The fused kernel writes the new token's K/V where the rope kernel would and attends like the unfused pair;
+    position seq_len - 1 falls in the first, a middle and the last split of different rows."""
+    q, kc, vc, bt, lens, rope = _rope_case([1, 17, 40, 131], 2, 4, 32, dtype, norm)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_rot, _ = rope_qk_norm_cache_ref(q, rope.k, rope.v, lens.long() - 1, rope.cos_sin_cache, kc_ref, vc_ref,
+                                      rope.slot_mapping, rope.q_norm_weight, rope.k_norm_weight, rope.eps)
+    want = attn.paged_decode_attention_ref(q_rot, kc_ref, vc_ref, bt, lens, 0.2)
+    got = attn.paged_decode_attention(q, kc, vc, bt, lens, 0.2, num_splits=num_splits, block_n=16, rope=rope)
+    assert_close(got, want, dtype)
+    assert_close(kc, kc_ref, dtype)
+    assert torch.equal(vc, vc_ref)
+
+
+@needs_kernels
+def test_decode_with_rope_fp8_cache_and_empty_rows() -> None:
+    """An e4m3 cache gets e4m3(k / k_scale) as the rope kernel stores it; a seq_len 0 row writes nothing."""
+    q, kc, vc, bt, lens, rope = _rope_case([0, 9, 70], 2, 2, 64, torch.bfloat16, True, torch.float8_e4m3fn)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    valid = rope.slot_mapping.clone()
+    valid[0] = -1  # the reference skips the empty row's slot
+    q_rot, _ = rope_qk_norm_cache_ref(q, rope.k, rope.v, (lens.long() - 1).clamp(min=0), rope.cos_sin_cache, kc_ref,
+                                      vc_ref, valid, rope.q_norm_weight, rope.k_norm_weight, rope.eps, 0.5, 2.0)
+    want = attn.paged_decode_attention_ref(q_rot, kc_ref, vc_ref, bt, lens, 0.125, k_scale=0.5, v_scale=2.0)
+    got = attn.paged_decode_attention(q, kc, vc, bt, lens, 0.125, num_splits=3, block_n=16, k_scale=0.5,
+                                      v_scale=2.0, rope=rope)
+    assert_close(got, want, torch.bfloat16)
+    assert (got[0] == 0).all()
+    assert torch.equal(kc.view(torch.uint8), kc_ref.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))

@@ -7,6 +7,10 @@ Each Triton kernel sits beside a plain PyTorch reference (`*_ref`) that is the C
 The public wrappers run Triton on CUDA tensors, and on CPU tensors only when the kernels were built under
 `TRITON_INTERPRET=1` (the tests); otherwise they fall back to the reference.
 
+The decode kernel can also take the raw query and the new token's raw k/v (`DecodeRope`): it then applies
+Q/K RMSNorm and RoPE and stores the token's K/V itself, the work of `rope.rope_qk_norm_cache`, saving that
+launch in every layer of a decode step.
+
 An FP8 (e4m3/e5m2) cache is read by converting each loaded tile to the query dtype; the per-tensor scales
 are folded into the softmax scale (k) and applied once to the output (v), so dequantising costs no extra
 multiply per element.
@@ -14,18 +18,22 @@ multiply per element.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
+from swiftlm.kernels.quant import FP8_DTYPE, FP8_PRE_ROUND
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from swiftlm.kernels.quant import to_fp8
     from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
 __all__ = [
+    "DecodeRope",
     "decode_num_splits",
     "paged_decode_attention",
     "paged_decode_attention_ref",
@@ -63,6 +71,22 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@dataclass
+class DecodeRope:
+    """What the decode kernel needs to apply Q/K RMSNorm + RoPE itself and store the new token's K/V (the work of
+    `rope.rope_qk_norm_cache`, one launch fewer per layer): the new token's raw k/v `[B, Hkv, D]` (views of the
+    QKV output), the cos/sin table, each row's cache slot, and the norm weights (both, or neither for Qwen2).
+    The token's position is `seq_lens[b] - 1`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_norm_weight: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k/v caches must share shape [blocks, block_size, kv_heads, dim], got "
@@ -80,6 +104,21 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             raise ValueError(f"{name} must be contiguous in head_dim")
     if q.stride(-1) != 1 or block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
         raise ValueError("q must be contiguous in head_dim and block_tables int32 with contiguous rows")
+
+
+def _check_rope(q: torch.Tensor, k_cache: torch.Tensor, rope: DecodeRope) -> None:
+    batch, _, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if (rope.q_norm_weight is None) != (rope.k_norm_weight is None):
+        raise ValueError("pass both norm weights, or neither")
+    for name, x in (("k", rope.k), ("v", rope.v)):
+        if x.shape != (batch, num_kv_heads, head_dim) or x.stride(-1) != 1:
+            raise ValueError(f"rope.{name} must be [{batch}, {num_kv_heads}, {head_dim}] with unit stride along D, "
+                             f"got {tuple(x.shape)}")
+    if rope.cos_sin_cache.shape[-1] != head_dim or rope.cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"the cos/sin table must be fp32 with {head_dim} columns")
+    if rope.slot_mapping.shape != (batch,):
+        raise ValueError(f"rope.slot_mapping must hold one slot per row ({batch})")
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int, scale: float | None) -> torch.Tensor:
@@ -148,6 +187,61 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _norm_rope(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+        """Rows of one token's heads as fp32 halves [R, HALF]: optional RMSNorm (weight at w_ptr), then
+        rotate-half RoPE; the math of `rope._rope_qk_norm_cache_kernel`."""
+        offs = tl.arange(0, HALF)
+        if HAS_NORM:
+            rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+            x1 = x1 * rstd * tl.load(w_ptr + offs).to(tl.float32)[None, :]
+            x2 = x2 * rstd * tl.load(w_ptr + HALF + offs).to(tl.float32)[None, :]
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
+    def _store_new_kv(ptr, x, scale, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr):
+        """The new token's K or V row (fp32) into its cache slot: cast, or e4m3(clamp(x / scale))."""
+        if FP8_CACHE:
+            x = to_fp8(tl.minimum(tl.maximum(x / scale, -448.0), 448.0), ptr.dtype.element_ty, PRE_ROUND)  # e4m3 max
+        tl.store(ptr, x.to(ptr.dtype.element_ty))
+
+    @triton.jit
+    def _rope_prologue(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, b, kvh, heads, g_mask,
+                       pos, owner, stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
+                       stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, eps, k_store_scale,
+                       v_store_scale, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr,
+                       IN_DTYPE: tl.constexpr):
+        """Normalize and rotate the query heads of this kv head ([GROUP_PAD, HEAD_DIM], rounded to the activation
+        dtype as the unfused kernel's q would be); the `owner` program (its split holds position `pos`) also
+        rotates the new key and stores it and the new value into the cache, visible to its own loads after."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        offs_h = tl.arange(0, HALF)
+        row = cs_ptr + tl.maximum(pos, 0) * stride_cs  # pos is -1 in an empty row (seq_len 0): no owner there
+        cos = tl.load(row + offs_h)[None, :]
+        sin = tl.load(row + HALF + offs_h)[None, :]
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+        q1 = tl.load(q_rows, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + HALF, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        q1, q2 = _norm_rope(q1, q2, qw_ptr, cos, sin, eps, HALF, HAS_NORM)
+        q = tl.reshape(tl.permute(tl.join(q1.to(IN_DTYPE), q2.to(IN_DTYPE)), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
+        if owner:
+            k_row = kn_ptr + b * stride_knb + kvh * stride_knh + offs_h[None, :]
+            k1, k2 = _norm_rope(tl.load(k_row).to(tl.float32), tl.load(k_row + HALF).to(tl.float32), kw_ptr,
+                                cos, sin, eps, HALF, HAS_NORM)
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            k_dst = k_ptr + (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+            v_dst = v_ptr + (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vt + kvh * stride_vh
+            _store_new_kv(k_dst + offs_h[None, :], k1, k_store_scale, FP8_CACHE, PRE_ROUND)
+            _store_new_kv(k_dst + HALF + offs_h[None, :], k2, k_store_scale, FP8_CACHE, PRE_ROUND)
+            v_row = vn_ptr + b * stride_vnb + kvh * stride_vnh + offs_h[None, :]
+            _store_new_kv(v_dst + offs_h[None, :], tl.load(v_row).to(tl.float32), v_store_scale, FP8_CACHE,
+                          PRE_ROUND)
+            _store_new_kv(v_dst + HALF + offs_h[None, :], tl.load(v_row + HALF).to(tl.float32), v_store_scale,
+                          FP8_CACHE, PRE_ROUND)
+            tl.debug_barrier()  # the stores are made before any thread of this program loads that slot
+        return q
+
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
@@ -158,13 +252,18 @@ if HAS_TRITON:
         stride_btb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh, num_splits,
+        kn_ptr, vn_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr,
+        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs, eps, k_store_scale, v_store_scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
-        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf)."""
+        (or seq_len 0) runs no iterations and emits a neutral partial (zeros, lse=-inf). With ROPE, q is the
+        raw projection and the kernel first does Q/K-norm, RoPE and the new token's cache write
+        (`_rope_prologue`)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -179,8 +278,16 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         heads = kvh * GROUP + offs_g
         g_mask = offs_g < GROUP
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
+        if ROPE:
+            pos = seq_len - 1
+            q = _rope_prologue(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, b, kvh, heads,
+                               g_mask, pos, (pos >= start) & (pos < end), stride_qb, stride_qh, stride_knb,
+                               stride_knh, stride_vnb, stride_vnh, stride_cs, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, eps, k_store_scale, v_store_scale, HEAD_DIM,
+                               GROUP_PAD, BLOCK_SIZE, HAS_NORM, FP8_CACHE, PRE_ROUND, IN_DTYPE).to(DOT_DTYPE)
+        else:
+            q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -384,14 +491,26 @@ def _kernel_scales(k_cache: torch.Tensor, k_scale: float | None, v_scale: float 
     return (1.0 if k_scale is None else float(k_scale)), (1.0 if v_scale is None else float(v_scale))
 
 
+def _decode_rope_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     rope: DecodeRope, k_scale: float | None, v_scale: float | None) -> torch.Tensor:
+    """The unfused `rope` step of a decode: rotated q; the new K/V written into the cache."""
+    from swiftlm.kernels.rope import rope_qk_norm_cache_ref
+    q, _ = rope_qk_norm_cache_ref(q, rope.k, rope.v, seq_lens.long() - 1, rope.cos_sin_cache, k_cache, v_cache,
+                                  rope.slot_mapping, rope.q_norm_weight, rope.k_norm_weight, rope.eps,
+                                  1.0 if k_scale is None else k_scale, 1.0 if v_scale is None else v_scale)
+    return q
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            k_scale: float | None = None, v_scale: float | None = None,
-                           *, block_n: int | None = None) -> torch.Tensor:
+                           *, block_n: int | None = None, rope: DecodeRope | None = None) -> torch.Tensor:
     """Decode attention for one new token per sequence: q `[B, Hq, D]` over the first `seq_lens[b]` cached
     tokens (the current token included). Returns `[B, Hq, D]` in q's dtype (into `out` when given).
 
+    With `rope`, q is the raw projection and the current token's K/V are not in the cache yet: the kernel applies
+    Q/K RMSNorm and RoPE at position `seq_lens[b] - 1` and stores the token's K/V itself (`DecodeRope`).
     CUDA-graph capturable: no host reads of `seq_lens`; the grid depends only on shapes and `num_splits`
     (None -> `decode_num_splits` from shapes and the SM count). Rows with `seq_len == 0` give zeros.
     """
@@ -404,7 +523,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} and contiguous in head_dim")
+    if rope is not None:
+        _check_rope(q, k_cache, rope)
     if not can_use_triton(q):
+        if rope is not None:
+            q = _decode_rope_ref(q, k_cache, v_cache, seq_lens, rope, k_scale, v_scale)
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out, k_scale, v_scale)
     if batch == 0:
         return out
@@ -428,16 +551,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                   PDL=pdl, launch_pdl=pdl)
     grid = (batch, num_kv_heads, num_splits)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
+    if rope is None:
+        rope_args = (q, q, q, q, q, seq_lens, 0, 0, 0, 0, 0, 0.0, 1.0, 1.0)
+    else:
+        norm = rope.q_norm_weight is not None
+        rope_args = (rope.k, rope.v, rope.cos_sin_cache, rope.q_norm_weight if norm else rope.cos_sin_cache,
+                     rope.k_norm_weight if norm else rope.cos_sin_cache, rope.slot_mapping, rope.k.stride(0),
+                     rope.k.stride(1), rope.v.stride(0), rope.v.stride(1), rope.cos_sin_cache.stride(0), rope.eps,
+                     k_mult, v_mult)
+    common.update(ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_norm_weight is not None,
+                  FP8_CACHE=rope is not None and k_cache.dtype == FP8_DTYPE, PRE_ROUND=FP8_PRE_ROUND)
     if num_splits == 1:
         _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
                                    q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,
-                                   0, 0, 1, DIRECT=True, **common)
+                                   0, 0, 1, *rope_args, DIRECT=True, **common)
         return out
     partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, partial, lse, qk_scale, v_mult,
                                q.stride(0), q.stride(1), *cache_strides, *partial.stride()[:3],
-                               lse.stride(0), lse.stride(1), num_splits, DIRECT=False, **common)
+                               lse.stride(0), lse.stride(1), num_splits, *rope_args, DIRECT=False, **common)
     _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
                                              out.stride(0), out.stride(1), num_splits,
                                              SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),

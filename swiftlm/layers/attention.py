@@ -2,7 +2,7 @@
 
 The model runner publishes one `AttentionMetadata` per forward through `forward_context`; every layer reads it,
 so model code stays free of batching details. Decode-only steps use the split-K decode kernel (and are what
-CUDA graphs capture). Mixed steps (running decodes plus prompt chunks, the bulk of offline throughput) send their
+CUDA graphs capture); on the GPU it also does the QK-norm, RoPE and cache write of the new token itself. Mixed steps (running decodes plus prompt chunks, the bulk of offline throughput) send their
 leading one-token rows to the same decode kernel and only the prompt rows to prefill attention: a prefill kernel
 given a one-row query tile wastes all but one row of every tile it loads.
 """
@@ -187,6 +187,21 @@ class Attention(nn.Module):
         if self.k_cache.dtype.itemsize == 1:
             return {"k_scale": self.k_scale, "v_scale": self.v_scale}
         return {}
+
+    def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                     k_norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """Attention of the raw projections q [T, Hq, D], k/v [T, Hkv, D]: (Q/K RMSNorm,) RoPE and the cache write
+        first. Decode-only steps on the GPU do all of it inside the decode kernel (`kernels.DecodeRope`: one
+        launch fewer per layer); other steps run the fused rope kernel, then `forward`."""
+        meta = get_forward_context()
+        if meta.decode_only and q.is_cuda:
+            rope = kernels.DecodeRope(k, v, cos_sin_cache, meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
+            return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                                  self.scale, meta.decode_num_splits, rope=rope,
+                                                  **self._cache_scales())
+        q, k = rope_and_store_kv(self, positions, q, k, v, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+        return self(q, k, v)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already in the cache) -> [T, Hq, D]."""

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from swiftlm.layers.attention import Attention, rope_and_store_kv
+from swiftlm.layers.attention import Attention
 from swiftlm.layers.embedding import LMHead, VocabEmbedding
 from swiftlm.layers.linear import LinearMethod, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from swiftlm.layers.norm import RMSNorm
@@ -98,10 +98,9 @@ class QwenAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope_and_store_kv(self.attn, positions, q, k, v, self.rotary.cos_sin_cache,
-                                 self.q_norm.weight if self.q_norm is not None else None,
-                                 self.k_norm.weight if self.k_norm is not None else None, self.eps)
-        out = self.attn(q, k, v)
+        out = self.attn.forward_rope(positions, q, k, v, self.rotary.cos_sin_cache,
+                                     self.q_norm.weight if self.q_norm is not None else None,
+                                     self.k_norm.weight if self.k_norm is not None else None, self.eps)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), residual
 
 
