@@ -279,9 +279,9 @@ if HAS_TRITON:
         heads = kvh * GROUP + offs_g
         g_mask = offs_g < GROUP
         if ROPE:
-            pos = seq_len - 1
+            new_pos = seq_len - 1
             q = _rope_prologue(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, b, kvh, heads,
-                               g_mask, pos, (pos >= start) & (pos < end), stride_qb, stride_qh, stride_knb,
+                               g_mask, new_pos, (new_pos >= start) & (new_pos < end), stride_qb, stride_qh, stride_knb,
                                stride_knh, stride_vnb, stride_vnh, stride_cs, stride_kb, stride_kt, stride_kh,
                                stride_vb, stride_vt, stride_vh, eps, k_store_scale, v_store_scale, HEAD_DIM,
                                GROUP_PAD, BLOCK_SIZE, HAS_NORM, FP8_CACHE, PRE_ROUND, IN_DTYPE).to(DOT_DTYPE)
