@@ -26,8 +26,6 @@ from swiftlm.kernels import rope
 # multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process, all built at
 # start-up); the last `n % FRESH_ALIGN` queries of a fresh prompt go to FlashAttention, which builds nothing.
 FRESH_ALIGN = 256
-# Decode-only steps of at most this many rows fuse QK-norm + RoPE + cache write into the decode attention kernel.
-DECODE_ROPE_MAX_ROWS = 1 << 30
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
@@ -197,7 +195,7 @@ class Attention(nn.Module):
         first. Decode-only steps on the GPU do all of it inside the decode kernel (`kernels.DecodeRope`: one
         launch fewer per layer); other steps run the fused rope kernel, then `forward`."""
         meta = get_forward_context()
-        if meta.decode_only and q.is_cuda and q.shape[0] <= DECODE_ROPE_MAX_ROWS:
+        if meta.decode_only and q.is_cuda:
             rope = kernels.DecodeRope(k, v, cos_sin_cache, meta.slot_mapping, q_norm_weight, k_norm_weight, eps)
             return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                                   self.scale, meta.decode_num_splits, rope=rope,
