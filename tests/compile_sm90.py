@@ -1,0 +1,64 @@
+"""Compile Triton kernels for an H100 (sm_90) on a machine without a GPU: Triton's front end, its GPU passes and
+ptxas, no launch. The interpreter (how the CPU tests run kernels) accepts code that the GPU compiler rejects, such
+as a loop variable whose type changes; this catches that before a device run does.
+
+Run without TRITON_INTERPRET (the kernels must be JIT functions): `python tests/compile_sm90.py`. Prints one
+line per compiled variant and exits non-zero on the first failure.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the interpreter replaces the JIT functions this compiles")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from swiftlm.kernels import attention, sampled_ids  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
+                   num_stages: int = 3) -> None:
+    """`types`: Triton type strings of the pointer and float arguments; other runtime arguments are i32."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    consts = {(names.index(n),): v for n, v in constexprs.items()}
+    triton.compile(ASTSource(fn, signature, constexprs=consts), target=H100,
+                   options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def decode_variants() -> None:
+    floats = {n: "fp32" for n in ("qk_scale", "v_scale", "eps", "k_store_scale", "v_store_scale")}
+    for rope, norm, fp8, direct in itertools.product((False, True), (False, True), (False, True), (False, True)):
+        if not rope and norm:
+            continue
+        cache = "*fp8e4nv" if fp8 else "*bf16"
+        types = {"q_ptr": "*bf16", "k_ptr": cache, "v_ptr": cache, "bt_ptr": "*i32", "seq_lens_ptr": "*i32",
+                 "out_ptr": "*bf16" if direct else "*fp32", "lse_ptr": "*fp32", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
+                 "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "slot_ptr": "*i64", **floats}
+        compile_kernel(attention._decode_split_kernel, types, dict(
+            GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
+            DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=rope, HAS_NORM=norm, FP8_CACHE=fp8,
+            PRE_ROUND=False))
+        print(f"_decode_split_kernel rope={rope} norm={norm} fp8={fp8} direct={direct}")
+    compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
+                   dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True))
+    print("_decode_merge_kernel")
+
+
+def fill_variant() -> None:
+    compile_kernel(sampled_ids._fill_kernel, {"ids_ptr": "*i32", "pos_ptr": "*i32", "row_ptr": "*i32",
+                                             "sampled_ptr": "*i64"}, dict(BLOCK=256))
+    print("_fill_kernel")
+
+
+if __name__ == "__main__":
+    decode_variants()
+    fill_variant()
