@@ -20,7 +20,9 @@
 #               run) and Qwen3-30B-A3B bf16 (throughput included), all with asynchronous scheduling;
 #   rope:       the attention kernel and GPU engine tests on CUDA, the Qwen3-8B profile without its throughput
 #               run, the full Qwen3-8B bf16 bench_engine run, then Qwen3-8B FP8 and Qwen3-30B-A3B bf16 without
-#               the throughput run.
+#               the throughput run;
+#   fp8-moe:    the full Qwen3-8B FP8 bench_engine run (throughput included), then Qwen3-30B-A3B bf16 with the
+#               closed-loop concurrency sweep 1..64 and the throughput run.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh PART OUT_DIR  (PART: one of the above)
 set -uo pipefail
 part=$1; out=$2
@@ -96,6 +98,10 @@ case "$part" in
     bench qwen3-8b --model $dense --iters 1
     bench qwen3-8b-fp8 --model $dense --skip-throughput --iters 1 --quantization fp8
     bench qwen3-30b-a3b --model $moe --skip-throughput --iters 1
+    ;;
+  fp8-moe)
+    bench qwen3-8b-fp8 --model $dense --iters 1 --quantization fp8
+    bench qwen3-30b-a3b --model $moe --iters 1 --concurrency 1 2 4 8 16 32 64
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
