@@ -327,8 +327,8 @@ class ModelRunner:
         return t, max_q, sample_rows, fills
 
     def _next_host_buffer(self) -> None:
-        """Switch to the other pinned buffer, once the upload that last read it has finished (long ago: a step
-        ahead of the device at most, the host is only ever one buffer ahead)."""
+        """Switch to the other pinned buffer once the upload that last read it has finished (in practice long
+        since: the host runs at most one step ahead of the device)."""
         self.host_index ^= 1
         done = self.uploaded[self.host_index]
         if done is not None:

@@ -2,9 +2,10 @@
 
 The model runner publishes one `AttentionMetadata` per forward through `forward_context`; every layer reads it,
 so model code stays free of batching details. Decode-only steps use the split-K decode kernel (and are what
-CUDA graphs capture); on the GPU it also does the QK-norm, RoPE and cache write of the new token itself. Mixed steps (running decodes plus prompt chunks, the bulk of offline throughput) send their
-leading one-token rows to the same decode kernel and only the prompt rows to prefill attention: a prefill kernel
-given a one-row query tile wastes all but one row of every tile it loads.
+CUDA graphs capture); on the GPU it also does the QK-norm, RoPE and cache write of the new token itself. Mixed
+steps (running decodes plus prompt chunks, the bulk of offline throughput) send their leading one-token rows to
+the same decode kernel and only the prompt rows to prefill attention: a prefill kernel given a one-row query
+tile wastes all but one row of every tile it loads.
 """
 from __future__ import annotations
 
