@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from swiftlm.kernels import attention, sampled_ids  # noqa: E402
+from swiftlm.kernels import attention, rope, sampled_ids  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -46,11 +46,23 @@ def decode_variants() -> None:
         compile_kernel(attention._decode_split_kernel, types, dict(
             GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
             DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=rope, HAS_NORM=norm, FP8_CACHE=fp8,
-            PRE_ROUND=False))
+            FP8_MAX=448.0, PRE_ROUND=False))
         print(f"_decode_split_kernel rope={rope} norm={norm} fp8={fp8} direct={direct}")
     compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                    dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True))
     print("_decode_merge_kernel")
+
+
+def rope_variants() -> None:
+    for norm, fp8 in itertools.product((False, True), (False, True)):
+        cache = "*fp8e4nv" if fp8 else "*bf16"
+        types = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "qo_ptr", "ko_ptr", "qw_ptr", "kw_ptr")}
+        types.update(pos_ptr="*i32", cs_ptr="*fp32", kc_ptr=cache, vc_ptr=cache, slot_ptr="*i64", eps="fp32",
+                     k_scale="fp32", v_scale="fp32")
+        compile_kernel(rope._rope_qk_norm_cache_kernel, types, dict(
+            HEAD_DIM=128, HALF=64, HALF_PAD=64, BLOCK_H=2, HAS_NORM=norm, WRITE_CACHE=True, FP8_CACHE=fp8,
+            FP8_MAX=448.0, PRE_ROUND=False, PDL=True), num_warps=2, num_stages=1)
+        print(f"_rope_qk_norm_cache_kernel norm={norm} fp8={fp8}")
 
 
 def fill_variant() -> None:
@@ -61,4 +73,5 @@ def fill_variant() -> None:
 
 if __name__ == "__main__":
     decode_variants()
+    rope_variants()
     fill_variant()

@@ -1,4 +1,5 @@
-"""The decode-path Triton kernels compile for an H100 (sm_90) here, without a GPU (`tests/compile_sm90.py`)."""
+"""The decode-path Triton kernels (decode attention, RoPE, pending-id fill) compile for an H100 (sm_90) here,
+without a GPU (`tests/compile_sm90.py`)."""
 from __future__ import annotations
 
 import os
@@ -29,4 +30,5 @@ def test_decode_kernels_compile_for_sm90() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     compiled = done.stdout.splitlines()
     assert sum(line.startswith("_decode_split_kernel rope=True") for line in compiled) == 8
+    assert sum(line.startswith("_rope_qk_norm_cache_kernel") for line in compiled) == 4
     assert "_decode_merge_kernel" in compiled and "_fill_kernel" in compiled

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from swiftlm.kernels.quant import FP8_DTYPE, FP8_PRE_ROUND
+from swiftlm.kernels.quant import FP8_DTYPE, FP8_MAX, FP8_PRE_ROUND
+from swiftlm.kernels.rope import rope_qk_norm_cache_ref
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from swiftlm.kernels.quant import to_fp8
+    from swiftlm.kernels.rope import norm_rope, store_kv
     from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
 __all__ = [
@@ -188,57 +189,41 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 if HAS_TRITON:
 
     @triton.jit
-    def _norm_rope(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-        """Rows of one token's heads as fp32 halves [R, HALF]: optional RMSNorm (weight at w_ptr), then
-        rotate-half RoPE; the math of `rope._rope_qk_norm_cache_kernel`."""
-        offs = tl.arange(0, HALF)
-        if HAS_NORM:
-            rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-            x1 = x1 * rstd * tl.load(w_ptr + offs).to(tl.float32)[None, :]
-            x2 = x2 * rstd * tl.load(w_ptr + HALF + offs).to(tl.float32)[None, :]
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-    @triton.jit
-    def _store_new_kv(ptr, x, scale, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr):
-        """The new token's K or V row (fp32) into its cache slot: cast, or e4m3(clamp(x / scale))."""
-        if FP8_CACHE:
-            x = to_fp8(tl.minimum(tl.maximum(x / scale, -448.0), 448.0), ptr.dtype.element_ty, PRE_ROUND)  # e4m3 max
-        tl.store(ptr, x.to(ptr.dtype.element_ty))
-
-    @triton.jit
     def _rope_prologue(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, b, kvh, heads, g_mask,
                        pos, owner, stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
                        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, eps, k_store_scale,
                        v_store_scale, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr,
-                       IN_DTYPE: tl.constexpr):
+                       HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
+                       PRE_ROUND: tl.constexpr, IN_DTYPE: tl.constexpr):
         """Normalize and rotate the query heads of this kv head ([GROUP_PAD, HEAD_DIM], rounded to the activation
         dtype as the unfused kernel's q would be); the `owner` program (its split holds position `pos`) also
         rotates the new key and stores it and the new value into the cache, visible to its own loads after."""
         HALF: tl.constexpr = HEAD_DIM // 2
         offs_h = tl.arange(0, HALF)
+        whole = offs_h < HALF
         row = cs_ptr + tl.maximum(pos, 0) * stride_cs  # pos is -1 in an empty row (seq_len 0): no owner there
         cos = tl.load(row + offs_h)[None, :]
         sin = tl.load(row + HALF + offs_h)[None, :]
         q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
         q1 = tl.load(q_rows, mask=g_mask[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(q_rows + HALF, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        q1, q2 = _norm_rope(q1, q2, qw_ptr, cos, sin, eps, HALF, HAS_NORM)
+        q1, q2 = norm_rope(q1, q2, qw_ptr, offs_h, whole, cos, sin, eps, HEAD_DIM, HAS_NORM)
         q = tl.reshape(tl.permute(tl.join(q1.to(IN_DTYPE), q2.to(IN_DTYPE)), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
         if owner:
             k_row = kn_ptr + b * stride_knb + kvh * stride_knh + offs_h[None, :]
-            k1, k2 = _norm_rope(tl.load(k_row).to(tl.float32), tl.load(k_row + HALF).to(tl.float32), kw_ptr,
-                                cos, sin, eps, HALF, HAS_NORM)
+            k1, k2 = norm_rope(tl.load(k_row).to(tl.float32), tl.load(k_row + HALF).to(tl.float32), kw_ptr, offs_h,
+                               whole, cos, sin, eps, HEAD_DIM, HAS_NORM)
             slot = tl.load(slot_ptr + b).to(tl.int64)
             k_dst = k_ptr + (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt + kvh * stride_kh
             v_dst = v_ptr + (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vt + kvh * stride_vh
-            _store_new_kv(k_dst + offs_h[None, :], k1, k_store_scale, FP8_CACHE, PRE_ROUND)
-            _store_new_kv(k_dst + HALF + offs_h[None, :], k2, k_store_scale, FP8_CACHE, PRE_ROUND)
+            row_mask = whole[None, :]
+            store_kv(k_dst + offs_h[None, :], k1, k_store_scale, row_mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
+            store_kv(k_dst + HALF + offs_h[None, :], k2, k_store_scale, row_mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
             v_row = vn_ptr + b * stride_vnb + kvh * stride_vnh + offs_h[None, :]
-            _store_new_kv(v_dst + offs_h[None, :], tl.load(v_row).to(tl.float32), v_store_scale, FP8_CACHE,
-                          PRE_ROUND)
-            _store_new_kv(v_dst + HALF + offs_h[None, :], tl.load(v_row + HALF).to(tl.float32), v_store_scale,
-                          FP8_CACHE, PRE_ROUND)
+            store_kv(v_dst + offs_h[None, :], tl.load(v_row).to(tl.float32), v_store_scale, row_mask, FP8_CACHE,
+                     FP8_MAX, PRE_ROUND)
+            store_kv(v_dst + HALF + offs_h[None, :], tl.load(v_row + HALF).to(tl.float32), v_store_scale, row_mask,
+                     FP8_CACHE, FP8_MAX, PRE_ROUND)
             tl.debug_barrier()  # the stores are made before any thread of this program loads that slot
         return q
 
@@ -257,7 +242,8 @@ if HAS_TRITON:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, PRE_ROUND: tl.constexpr,
+        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
+        PRE_ROUND: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
@@ -284,7 +270,8 @@ if HAS_TRITON:
                                g_mask, new_pos, (new_pos >= start) & (new_pos < end), stride_qb, stride_qh, stride_knb,
                                stride_knh, stride_vnb, stride_vnh, stride_cs, stride_kb, stride_kt, stride_kh,
                                stride_vb, stride_vt, stride_vh, eps, k_store_scale, v_store_scale, HEAD_DIM,
-                               GROUP_PAD, BLOCK_SIZE, HAS_NORM, FP8_CACHE, PRE_ROUND, IN_DTYPE).to(DOT_DTYPE)
+                               GROUP_PAD, BLOCK_SIZE, HAS_NORM, FP8_CACHE, FP8_MAX, PRE_ROUND,
+                               IN_DTYPE).to(DOT_DTYPE)
         else:
             q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
@@ -494,7 +481,6 @@ def _kernel_scales(k_cache: torch.Tensor, k_scale: float | None, v_scale: float 
 def _decode_rope_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      rope: DecodeRope, k_scale: float | None, v_scale: float | None) -> torch.Tensor:
     """The unfused `rope` step of a decode: rotated q; the new K/V written into the cache."""
-    from swiftlm.kernels.rope import rope_qk_norm_cache_ref
     q, _ = rope_qk_norm_cache_ref(q, rope.k, rope.v, seq_lens.long() - 1, rope.cos_sin_cache, k_cache, v_cache,
                                   rope.slot_mapping, rope.q_norm_weight, rope.k_norm_weight, rope.eps,
                                   1.0 if k_scale is None else k_scale, 1.0 if v_scale is None else v_scale)
@@ -560,7 +546,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                      rope.k.stride(1), rope.v.stride(0), rope.v.stride(1), rope.cos_sin_cache.stride(0), rope.eps,
                      k_mult, v_mult)
     common.update(ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_norm_weight is not None,
-                  FP8_CACHE=rope is not None and k_cache.dtype == FP8_DTYPE, PRE_ROUND=FP8_PRE_ROUND)
+                  FP8_CACHE=rope is not None and k_cache.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX,
+                  PRE_ROUND=FP8_PRE_ROUND)
     if num_splits == 1:
         _decode_split_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, v_mult,
                                    q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), 0,

@@ -73,11 +73,21 @@ def rope_qk_norm_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
 if HAS_TRITON:
 
     @triton.jit
-    def _store_kv(ptr, x, scale, mask, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr, PRE_ROUND: tl.constexpr):
+    def store_kv(ptr, x, scale, mask, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr, PRE_ROUND: tl.constexpr):
         """Store fp32 rows into the cache: cast, or e4m3(clamp(x / scale)) for an FP8 cache."""
         if FP8_CACHE:
             x = to_fp8(tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX), ptr.dtype.element_ty, PRE_ROUND)
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def norm_rope(x1, x2, w_ptr, offs, w_mask, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+        """Heads of one token as fp32 halves `[R, HEAD_DIM / 2]` (`offs` the half's columns, `w_mask` the real
+        ones): optional RMSNorm with the weight at `w_ptr`, then rotate-half RoPE with `cos`/`sin` `[1, half]`."""
+        if HAS_NORM:
+            rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+            x1 = x1 * rstd * tl.load(w_ptr + offs, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+            x2 = x2 * rstd * tl.load(w_ptr + HEAD_DIM // 2 + offs, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     @triton.jit
     def _rope_qk_norm_cache_kernel(
@@ -113,12 +123,7 @@ if HAS_TRITON:
         mask = mask_h[:, None] & mask_d[None, :]
         x1 = tl.load(src + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
-            x1 = x1 * rstd * tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-            x2 = x2 * rstd * tl.load(w_ptr + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
+        o1, o2 = norm_rope(x1, x2, w_ptr, offs_d, mask_d, cos, sin, eps, HEAD_DIM, HAS_NORM)
         tl.store(dst + offs_d[None, :], o1.to(dst.dtype.element_ty), mask=mask)
         tl.store(dst + HALF + offs_d[None, :], o2.to(dst.dtype.element_ty), mask=mask)
         if WRITE_CACHE:
@@ -129,10 +134,10 @@ if HAS_TRITON:
                 v_src = v_ptr + t * stride_vt + h[:, None] * stride_vh + offs_d[None, :]
                 v1 = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
                 v2 = tl.load(v_src + HALF, mask=mask, other=0.0).to(tl.float32)
-                _store_kv(kc, o1, k_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
-                _store_kv(kc + HALF, o2, k_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
-                _store_kv(vc, v1, v_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
-                _store_kv(vc + HALF, v2, v_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
+                store_kv(kc, o1, k_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
+                store_kv(kc + HALF, o2, k_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
+                store_kv(vc, v1, v_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
+                store_kv(vc + HALF, v2, v_scale, mask, FP8_CACHE, FP8_MAX, PRE_ROUND)
 
 
 def rope_qk_norm_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
