@@ -172,7 +172,8 @@ def closed_loop_tok_s(engine, prompt, conc: int, requests_per_slot: int = 2, new
 def run_transformers(cfg: dict, args: argparse.Namespace) -> dict:
     """transformers eager generate with random bf16 weights of the same config."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items()
+                                     if k not in ("architectures", "transformers_version")})
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     res: dict = {}

@@ -146,7 +146,8 @@ def main() -> None:
             while not engine.step():  # under asynchronous scheduling the token is read by a later step
                 pass
             wall = (time.perf_counter() - t) * 1e3
-        print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
+        print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): "
+              + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
     engine.add_request("p8000", ids(8000), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()

@@ -36,8 +36,8 @@ def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num
 
 def decode_variants() -> None:
     floats = {n: "fp32" for n in ("qk_scale", "v_scale", "eps", "k_store_scale", "v_store_scale")}
-    for rope, norm, fp8, direct in itertools.product((False, True), (False, True), (False, True), (False, True)):
-        if not rope and norm:
+    for fused, norm, fp8, direct in itertools.product((False, True), (False, True), (False, True), (False, True)):
+        if not fused and norm:
             continue
         cache = "*fp8e4nv" if fp8 else "*bf16"
         types = {"q_ptr": "*bf16", "k_ptr": cache, "v_ptr": cache, "bt_ptr": "*i32", "seq_lens_ptr": "*i32",
@@ -45,9 +45,9 @@ def decode_variants() -> None:
                  "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "slot_ptr": "*i64", **floats}
         compile_kernel(attention._decode_split_kernel, types, dict(
             GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
-            DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=rope, HAS_NORM=norm, FP8_CACHE=fp8,
+            DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=fused, HAS_NORM=norm, FP8_CACHE=fp8,
             FP8_MAX=448.0, PRE_ROUND=False))
-        print(f"_decode_split_kernel rope={rope} norm={norm} fp8={fp8} direct={direct}")
+        print(f"_decode_split_kernel rope={fused} norm={norm} fp8={fp8} direct={direct}")
     compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                    dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True))
     print("_decode_merge_kernel")

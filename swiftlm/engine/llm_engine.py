@@ -270,7 +270,8 @@ class LLMEngine:
             self.requests.pop(seq.request_id, None)
         return self._output(seq, [token], delta, new_lp)
 
-    def _output(self, seq: Sequence, new_ids: list[int], delta: str, new_lp: list[TokenLogprob] | None) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], delta: str,
+                new_lp: list[TokenLogprob] | None) -> RequestOutput:
         text = seq.detokenizer.text if seq.detokenizer is not None else ""
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
                              token_ids=seq.output_token_ids, new_token_ids=new_ids, text=text, delta_text=delta,

@@ -167,7 +167,8 @@ class ModelRunner:
             quant_for = get_linear_method(self.config.quantization, hf_config.get("quantization_config"))
         with torch.device(self.device):
             model = cls(hf_config, self.dtype, quant_for, max_model_len)
-        dummy = self.config.load_format == "dummy" or (self.config.load_format == "auto" and not has_weights(model_path))
+        fmt = self.config.load_format
+        dummy = fmt == "dummy" or (fmt == "auto" and not has_weights(model_path))
         if dummy:
             if self.config.load_format == "auto":
                 logger.warning("no safetensors in %s: using random weights (load_format=dummy)", model_path)

@@ -97,7 +97,8 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"q heads/dim {tuple(q.shape[-2:])} do not fit cache kv_heads={num_kv_heads} "
                          f"dim={head_dim}")
     if block_size & (block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"block_size and head_dim must be powers of two (head_dim >= 16), got {block_size}, {head_dim}")
+        raise ValueError(f"block_size and head_dim must be powers of two (head_dim >= 16), got {block_size}, "
+                         f"{head_dim}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.dtype != q.dtype and cache.dtype not in _FP8_DTYPES:
             raise ValueError(f"{name} dtype {cache.dtype} must equal q dtype {q.dtype} or be fp8")

@@ -59,7 +59,8 @@ class QwenConfig:
     def from_dict(cls, cfg: dict) -> "QwenConfig":
         is_qwen2 = cfg.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in cfg.get("architectures", [])
         rope_params = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+        scaled = rope_params.get("rope_type", "default") != "default"
+        scaling = cfg.get("rope_scaling") or (rope_params if scaled else None)
         heads = cfg["num_attention_heads"]
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
@@ -76,12 +77,14 @@ class QwenConfig:
 
 
 class QwenAttention(nn.Module):
-    def __init__(self, cfg: QwenConfig, prefix: str, dtype: torch.dtype, quant_for: QuantFor, max_position: int) -> None:
+    def __init__(self, cfg: QwenConfig, prefix: str, dtype: torch.dtype, quant_for: QuantFor,
+                 max_position: int) -> None:
         super().__init__()
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
         self.eps = cfg.rms_norm_eps
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, hq, hkv, cfg.qkv_bias, quant_for(f"{prefix}.qkv_proj"), dtype)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, hq, hkv, cfg.qkv_bias, quant_for(f"{prefix}.qkv_proj"),
+                                          dtype)
         self.o_proj = RowParallelLinear(hq * d, cfg.hidden_size, cfg.o_bias, quant_for(f"{prefix}.o_proj"), dtype)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
@@ -105,11 +108,13 @@ class QwenAttention(nn.Module):
 
 
 class QwenMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, prefix: str, dtype: torch.dtype, quant_for: QuantFor) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, prefix: str, dtype: torch.dtype,
+                 quant_for: QuantFor) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False,
                                                        quant_for(f"{prefix}.gate_up_proj"), dtype)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, quant_for(f"{prefix}.down_proj"), dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, quant_for(f"{prefix}.down_proj"),
+                                           dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:
