@@ -4,9 +4,10 @@
 #   part "bench": time from `swiftlm serve` start to a healthy /health, a concurrency sweep (1024 in / 256 out)
 #   and a 1000-user reliability run; part "sweep": the same without the reliability run.
 # Usage: bash benchmarks/device_serve.sh tests|bench|sweep OUT_DIR
-# Wheels: `../shared/device/wheels.sh openai jiter distro sniffio httpx2 httpcore2 truststore anyio` here (the tests
-# need the openai client; openai 3.x talks through httpx2),
-# then carry .whl and install it first, as ../shared/device/README.md says.
+# Wheels: the bare device has no fastapi/uvicorn/pydantic: `../shared/device/wheels.sh` fetches the server's set into
+# .whl/ (add `openai jiter distro sniffio httpx2 httpcore2 truststore anyio` for the tests part: the openai client);
+# carry .whl and install it first, as ../shared/device/README.md says. Without them the server cannot start: the
+# script stops after SERVE_WAIT_S (default 300) seconds with the server log's tail instead of waiting forever.
 set -uo pipefail
 part=$1; out=$2
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -26,15 +27,23 @@ port=8011
 start=$(date +%s.%N)
 setsid python3 -m swiftlm serve --model "$model" --load-format dummy --port $port --host 127.0.0.1 \
   --max-waiting 4096 > "$out/server.log" 2>&1 &
-python3 - "$port" <<'PY'
+if ! python3 - "$port" "${SERVE_WAIT_S:-300}" <<'PY'
 import sys, time, urllib.request
-while True:
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
     try:
         if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=1).status == 200:
-            break
+            sys.exit(0)
     except OSError:
         time.sleep(0.2)
+sys.exit(1)
 PY
+then
+  echo "the server was not healthy after ${SERVE_WAIT_S:-300}s; its log ends:" >&2
+  tail -20 "$out/server.log" >&2
+  pkill -f "[s]wiftlm serve" || true
+  exit 1
+fi
 ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
 echo "server ready after ${ready}s" | tee "$out/startup.txt"
 # A byte-level token may end inside a UTF-8 character and stream no text; with its logprob every token is counted.
