@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from swiftlm.kernels import attention, rope, sampled_ids  # noqa: E402
+from swiftlm.kernels import attention, gemv, rope, sampled_ids  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -65,6 +65,34 @@ def rope_variants() -> None:
         print(f"_rope_qk_norm_cache_kernel norm={norm} fp8={fp8}")
 
 
+def prefill_variant() -> None:
+    compile_kernel(attention._prefill_kernel, {
+        "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "cu_q_ptr": "*i32",
+        "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32", "v_scale": "fp32"}, dict(
+        GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=128, IN_DTYPE=tl.bfloat16,
+        DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32"), num_warps=8, num_stages=3)
+    print("_prefill_kernel")
+
+
+def gemv_variants() -> None:
+    """The decode GEMVs in their input modes (plain, RMSNorm with a residual, SiLU-and-mul), bf16 and e4m3
+    weights: the shapes of `GEMV_CONFIGS` (M = 1 on CUDA cores, M = 16 on tensor cores)."""
+    for kernel, mode, weight in itertools.product(("fma", "dot"), ("plain", "norm", "silu"), ("*bf16", "*fp8e4nv")):
+        types = {n: "*bf16" for n in ("x_ptr", "b_ptr", "out_ptr", "r_ptr", "g_ptr", "r_out_ptr")}
+        types.update(w_ptr=weight, s_ptr="*fp32", ws_ptr="*fp32", cnt_ptr="*i32", eps="fp32")
+        fma = kernel == "fma"
+        flags = dict(HAS_SCALE=weight == "*fp8e4nv", HAS_BIAS=False, EVEN_K=True, BLOCK_N=4 if fma else 64,
+                     BLOCK_K=1024 if fma else 128, SILU_MUL=mode == "silu", NORM=mode == "norm",
+                     HAS_RES=mode == "norm", PDL=True)
+        if fma:
+            chunk = 16 if weight == "*fp8e4nv" else 8  # one 16-byte weight vector per thread, as `gemv` picks
+            compile_kernel(gemv._gemv_fma_kernel, types, dict(flags, BLOCK_M=1, CHUNK=chunk, NUM_STAGES=1),
+                           num_stages=1)
+        else:
+            compile_kernel(gemv._gemv_dot_kernel, types, dict(flags, BLOCK_M=16, DOT_F32=False), num_stages=4)
+        print(f"_gemv_{kernel}_kernel {mode} {weight}")
+
+
 def fill_variant() -> None:
     compile_kernel(sampled_ids._fill_kernel, {"ids_ptr": "*i32", "pos_ptr": "*i32", "row_ptr": "*i32",
                                              "sampled_ptr": "*i64"}, dict(BLOCK=256))
@@ -74,4 +102,6 @@ def fill_variant() -> None:
 if __name__ == "__main__":
     decode_variants()
     rope_variants()
+    prefill_variant()
+    gemv_variants()
     fill_variant()

@@ -1,5 +1,5 @@
-"""The decode-path Triton kernels (decode attention, RoPE, pending-id fill) compile for an H100 (sm_90) here,
-without a GPU (`tests/compile_sm90.py`)."""
+"""The decode-path Triton kernels (decode and prefill attention, RoPE, the GEMVs, the pending-id fill) compile for
+an H100 (sm_90) here, without a GPU (`tests/compile_sm90.py`)."""
 from __future__ import annotations
 
 import os
@@ -31,4 +31,6 @@ def test_decode_kernels_compile_for_sm90() -> None:
     compiled = done.stdout.splitlines()
     assert sum(line.startswith("_decode_split_kernel rope=True") for line in compiled) == 8
     assert sum(line.startswith("_rope_qk_norm_cache_kernel") for line in compiled) == 4
+    assert sum(line.startswith(("_gemv_fma_kernel", "_gemv_dot_kernel")) for line in compiled) == 12
+    assert "_prefill_kernel" in compiled
     assert "_decode_merge_kernel" in compiled and "_fill_kernel" in compiled
