@@ -203,9 +203,7 @@ class LLMEngine:
         for row, seq in enumerate(seqs):
             seq.num_pending += 1
             seq.pending_row = row
-        sync = any(seq.params.repetition_penalty != 1.0 or seq.params.presence_penalty != 0.0
-                   or seq.params.frequency_penalty != 0.0 for seq in seqs)
-        return _LaunchedStep(seqs, samples, sync)
+        return _LaunchedStep(seqs, samples, sync=any(seq.params.penalized for seq in seqs))
 
     def _read(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a step's samples and append each to its sequence; sequences that finished meanwhile (a stop

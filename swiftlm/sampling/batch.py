@@ -174,9 +174,7 @@ def _penalty_token_index(rows: list[SamplingRow], vocab: int, any_penalty: bool,
     empty = np.empty(0, dtype=np.int64)
     if not any_penalty:
         return empty, empty
-    out_rows = [i for i, r in enumerate(rows)
-                if r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
-                or r.params.frequency_penalty != 0.0]
+    out_rows = [i for i, r in enumerate(rows) if r.params.penalized]
     prompt_rows = [i for i in out_rows if rows[i].params.repetition_penalty != 1.0] if any_rep else []
     return (_flat_index([rows[i].output_token_ids for i in out_rows], out_rows, vocab),
             _flat_index([rows[i].prompt_token_ids for i in prompt_rows], prompt_rows, vocab))
