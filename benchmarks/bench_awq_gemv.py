@@ -1,7 +1,7 @@
 """AWQ W4A16 decode GEMV sweep on the GPU: `awq_gemv_triton` launch configs vs fp16 cuBLAS, Qwen2.5-32B shapes.
 
 For each shape and M, every config in the grid is checked against `awq_gemm_ref` (relative Frobenius error < 1e-2)
-and timed; the table shows the default `AWQ_GEMV_CONFIG`, the best config, and cuBLAS on the dequantized fp16
+and timed; the table shows M's default in `AWQ_GEMV_CONFIGS`, the best config, and cuBLAS on the dequantized fp16
 weight. Timing: a CUDA graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never
 holds the next call's weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
 
@@ -24,11 +24,11 @@ from swiftlm.kernels import awq
 SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (55296, 5120), "down": (5120, 27648)}  # (N, K)
 GROUP = 128
 GRIDS = {
-    "narrow": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
-               for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (3,), (4, 8))],
-    # deeper pipelines and longer K steps (more bytes in flight per program), fewer warps
-    "wide": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w)
-             for p, k, s, w in itertools.product((8, 16, 32), (32, 64), (2, 4, 6), (2, 4))],
+    # tiles x pipeline depth x warps at the default flush interval
+    "main": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w, FLUSH=4)
+             for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (2, 3, 4), (4, 8))],
+    # groups between the fp32 reductions of the fp16 partial sums, at two tile shapes
+    "flush": [dict(BLOCK_P=p, BLOCK_K=k, FLUSH=f) for p, k, f in itertools.product((32,), (16, 32), (1, 2, 4, 8))],
 }
 CALLS = 20
 
@@ -41,16 +41,15 @@ def graph_us(fn, copies: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="narrow", help="launch configs to try")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="main", help="launch configs to try")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    print(f"{torch.cuda.get_device_name()}; default {awq.AWQ_GEMV_CONFIG}")
+    print(f"{torch.cuda.get_device_name()}; defaults {awq.AWQ_GEMV_CONFIGS}")
     print(f"{'shape':8} {'M':>2} | {'default us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
           f"{'fp16 cuBLAS us':>14} {'speedup':>7}")
-    grid = GRIDS[args.grid] + [awq.AWQ_GEMV_CONFIG] * (awq.AWQ_GEMV_CONFIG not in GRIDS[args.grid])
     for name in args.shapes:
         n, k = SHAPES[name]
         nbytes = k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
@@ -64,6 +63,9 @@ def main() -> int:
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", generator=gen).half()
             ref = awq.awq_gemm_ref(x, qw[0], qz[0], sc[0], GROUP).float()
+            default_cfg = awq.AWQ_GEMV_CONFIGS[1 << (m - 1).bit_length()]
+            grid = [default_cfg] + [dict(default_cfg, **c) for c in GRIDS[args.grid]
+                                    if dict(default_cfg, **c) != default_cfg]
             results = []
             for cfg in grid:
                 try:
@@ -78,7 +80,7 @@ def main() -> int:
                     results.append(dict(config=cfg, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
             timed = [r for r in results if "us" in r]
             best = min(timed, key=lambda r: r["us"])
-            default = next(r for r in results if r["config"] == awq.AWQ_GEMV_CONFIG)
+            default = results[0]
             w16s = [w16] + [w16.clone() for _ in range(max(1, (256 << 20) // w16.numel() // 2) - 1)]
             cublas = graph_us(lambda i: x @ w16s[i], len(w16s))
             rows.append(dict(shape=name, n=n, k=k, m=m, bytes=nbytes, default=default, best=best, cublas_us=cublas,

@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from swiftlm.kernels import attention, gemv, rope, sampled_ids  # noqa: E402
+from swiftlm.kernels import attention, awq, gemv, rope, sampled_ids  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -93,6 +93,17 @@ def gemv_variants() -> None:
         print(f"_gemv_{kernel}_kernel {mode} {weight}")
 
 
+def awq_gemv_variants() -> None:
+    """The AWQ decode GEMV (packed-fp16 inline PTX) with fp16 and bf16 activations at every M bucket's config."""
+    for dtype, (bucket, cfg) in itertools.product(("fp16", "bf16"), awq.AWQ_GEMV_CONFIGS.items()):
+        types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": f"*{dtype}",
+                 "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+        flags = {name: value for name, value in cfg.items() if name != "num_warps"}
+        compile_kernel(awq._awq_gemv_kernel, types, dict(flags, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_M=bucket,
+                                                         ASM=True, PDL=True), num_warps=cfg["num_warps"])
+        print(f"_awq_gemv_kernel {dtype} M={bucket}")
+
+
 def fill_variant() -> None:
     compile_kernel(sampled_ids._fill_kernel, {"ids_ptr": "*i32", "pos_ptr": "*i32", "row_ptr": "*i32",
                                              "sampled_ptr": "*i64"}, dict(BLOCK=256))
@@ -104,4 +115,5 @@ if __name__ == "__main__":
     rope_variants()
     prefill_variant()
     gemv_variants()
+    awq_gemv_variants()
     fill_variant()

@@ -276,11 +276,33 @@ def test_awq_dequantize_kernel_matches_ref(dtype: torch.dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("m,split_k", [(1, None), (3, 2), (8, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_awq_gemv_kernel_matches_ref(m: int, split_k: int | None, dtype: torch.dtype) -> None:
     x, qweight, qzeros, scales, bias = _awq_operands(m, 256, 96, 128, dtype)
     out = awq.awq_gemv_triton(x, qweight, qzeros, scales, 128, bias, split_k=split_k)
     _close(out, awq.awq_gemm_ref(x, qweight, qzeros, scales, 128, bias), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,flush", [(1, 1), (5, 2), (2, 4)])
+def test_awq_gemv_flush_blocks_and_uneven_splits(m: int, flush: int) -> None:
+    """16 groups in 3 K splits (6, 6, 4 groups): fp16 partial sums reduced every `flush` groups, with a partial
+    last flush block in every split; extreme codes and zero points (0 and 15) and large activations."""
+    x, qweight, qzeros, scales, bias = _awq_operands(m, 1024, 48, 64, torch.float16, seed=3)
+    x[:, ::7] = 60.0
+    qweight[::5] = -1  # every nibble 15
+    qzeros[1::3] = 0
+    cfg = {"BLOCK_P": 2, "BLOCK_K": 32, "FLUSH": flush}
+    out = awq.awq_gemv_triton(x, qweight, qzeros, scales, 64, bias, split_k=3, config=cfg)
+    _close(out, awq.awq_gemm_ref(x, qweight, qzeros, scales, 64, bias), torch.float16)
+
+
+def test_awq_gemv_rejects_fp32_which_dispatches_to_the_gemm() -> None:
+    x, qweight, qzeros, scales, _ = _awq_operands(1, 256, 16, 128, torch.float32)
+    with pytest.raises(ValueError, match="packed fp16"):
+        awq.awq_gemv_triton(x, qweight, qzeros, scales, 128)
+    if quant.can_use_triton(x):
+        assert awq.select_awq_backend(x) == "gemm"
 
 
 @needs_kernels
@@ -297,7 +319,8 @@ def test_awq_gemm_kernel_matches_ref(m: int, split_k: int | None, dtype: torch.d
 def test_awq_dispatch_follows_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(awq.AWQ_DISPATCH, "gemv_max_m", 4)
     monkeypatch.setitem(awq.AWQ_DISPATCH, "dequant_mm_min_m", 256)
-    picks = [awq.select_awq_backend(torch.empty(m, 128, device=DEVICE)) for m in (1, 4, 5, 255, 256)]
+    picks = [awq.select_awq_backend(torch.empty(m, 128, dtype=torch.float16, device=DEVICE))
+             for m in (1, 4, 5, 255, 256)]
     if quant.can_use_triton(torch.empty(1, device=DEVICE)):
         assert picks == ["gemv", "gemv", "gemm", "gemm", "dequant_mm"]
     else:

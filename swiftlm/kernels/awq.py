@@ -3,14 +3,18 @@
 Layout: `qweight` int32 [K, N / 8] and `qzeros` int32 [K / G, N / 8] pack 8 int4 values of consecutive output
 columns per int32, in AutoAWQ's interleaved order: nibble i (bits 4i..4i+3) of word j holds column
 8j + AWQ_ORDER[i]; `scales` fp16 [K / G, N]. Kernels: a dequantizing Triton GEMM (int4 tiles expanded in
-registers feeding `tl.dot`, prefill), a GEMV-style kernel for M <= 8 (decode, FMA reductions, split-K), and a
-full dequantize used before cuBLAS for very large M. `AWQ_DISPATCH` holds the measured M thresholds.
+registers feeding `tl.dot`, prefill), a GEMV-style kernel for M <= 8 with fp16 / bf16 activations (decode,
+packed 16-bit FMAs, split-K), and a full dequantize used before cuBLAS for very large M. `AWQ_DISPATCH` holds
+the measured M thresholds.
+
+The GEMV's bit tricks run as inline PTX on the GPU; under TRITON_INTERPRET=1 (which cannot run PTX) the same
+kernel uses plain-Triton twins of those helpers that produce the same packed values.
 """
 from __future__ import annotations
 
 import torch
 
-from swiftlm.kernels.triton_support import split_counters
+from swiftlm.kernels.triton_support import split_counters, use_pdl
 from swiftlm.kernels.quant import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, choose_split_k,
                                    next_power_of_2, num_sms, reduce_split_k)
 
@@ -20,19 +24,57 @@ if HAS_TRITON:
 
     from swiftlm.kernels.gemv import store_tile
     from swiftlm.kernels.quant import store_split_k_tile
-    from swiftlm.kernels.triton_support import swizzled_tile
+    from swiftlm.kernels.triton_support import release_dependents, swizzled_tile, wait_for_inputs
 
 AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column offset j
 
-# M <= gemv_max_m: GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
+# M <= gemv_max_m (fp16 / bf16 x): GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
 AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 8, "dequant_mm_min_m": 1 << 30}
 _GEMV_LIMIT = 8
-# Launch parameters of the decode GEMV: BLOCK_P packed int32 columns (8 outputs each) per program, BLOCK_K rows
-# per step (a divisor of the group size), NUM_STAGES-deep software pipeline over a group's steps.
-AWQ_GEMV_CONFIG: dict[str, int] = {"BLOCK_P": 32, "BLOCK_K": 32, "NUM_STAGES": 3, "num_warps": 4}
+# Launch parameters of the decode GEMV per M bucket (1, 2, 4, 8): BLOCK_P packed int32 columns (8 outputs each)
+# per program, BLOCK_K rows per step (a divisor of the group size), FLUSH groups between fp32 reductions of the fp16
+# partial sums, NUM_STAGES-deep software pipeline. A thread keeps 4 * M partial-sum registers per word of its
+# tile, so larger M takes smaller tiles.
+AWQ_GEMV_CONFIGS: dict[int, dict[str, int]] = {
+    1: {"BLOCK_P": 32, "BLOCK_K": 32, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    2: {"BLOCK_P": 32, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    4: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    8: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 8},
+}
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
 AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
+
+
+def _dequant_asm() -> str:
+    """PTX for `_dequant_h2`: one AWQ word ($4), packed fp16 scales ($5..$8) and negated zero terms ($9..$12) ->
+    four packed fp16 weight pairs ($0..$3). Pair j's codes sit in bits 8 (j // 2) + 4 (j % 2) of both 16-bit
+    halves: OR-ed under 0x6400 (1024.0) they read as 1024 + code, or 1024 + 16 code for a byte's upper nibble,
+    which the first FMA scales by 1 or 1/16 while subtracting 1024 (or 64) and the zero point, exactly."""
+    lines = [".reg .b32 h, u, one, sixteenth, nzero;", "mov.b32 one, 0x3c003c00;", "mov.b32 sixteenth, 0x2c002c00;",
+             "mov.b32 nzero, 0x80008000;", "shr.u32 u, $4, 8;"]
+    for j, (word, mask, mult) in enumerate((("$4", "0x000f000f", "one"), ("$4", "0x00f000f0", "sixteenth"),
+                                            ("u", "0x000f000f", "one"), ("u", "0x00f000f0", "sixteenth"))):
+        lines += [f"lop3.b32 h, {word}, {mask}, 0x64006400, 0xea;", f"fma.rn.f16x2 h, h, {mult}, ${9 + j};",
+                  f"fma.rn.f16x2 ${j}, h, ${5 + j}, nzero;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _neg_zeros_asm() -> str:
+    """PTX for `_neg_zeros_h2`: a zero word ($4) -> the four packed negated zero terms ($0..$3)."""
+    lines = [".reg .b32 u, sixteenth;", "mov.b32 sixteenth, 0x2c002c00;", "shr.u32 u, $4, 8;",
+             "lop3.b32 $0, $4, 0x000f000f, 0xe400e400, 0xea;", "lop3.b32 $1, $4, 0x00f000f0, 0xe400e400, 0xea;",
+             "mul.rn.f16x2 $1, $1, sixteenth;", "lop3.b32 $2, u, 0x000f000f, 0xe400e400, 0xea;",
+             "lop3.b32 $3, u, 0x00f000f0, 0xe400e400, 0xea;", "mul.rn.f16x2 $3, $3, sixteenth;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+if HAS_TRITON:
+    _DEQUANT_ASM = tl.constexpr(_dequant_asm())
+    _NEG_ZEROS_ASM = tl.constexpr(_neg_zeros_asm())
+    _MAGIC = tl.constexpr(0x64006400)  # 1024.0 in both fp16 lanes
+    _NEG_MAGIC = tl.constexpr(-0x1BFF1C00)  # 0xE400E400 as an int32: -1024.0 in both fp16 lanes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,53 +200,167 @@ if HAS_TRITON:
         store_split_k_tile(acc, offs_m, offs_n, M, N, pid_k, bias_ptr, c_ptr, stride_cm, stride_cs, HAS_BIAS, SPLIT_K)
 
     @triton.jit
+    def _pack_h2(lo, hi):
+        """Two fp16 tensors -> int32 words holding lo in bits 0..15 and hi in bits 16..31 (one f16x2 register)."""
+        lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _unpack_h2(v):
+        """Inverse of `_pack_h2`: the (lo, hi) fp16 lanes of int32 words."""
+        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True), (v >> 16).to(tl.int16).to(tl.float16,
+                                                                                                   bitcast=True)
+
+    @triton.jit
+    def _dequant_pair_ref(h, s, nz, mult):
+        """Plain-Triton twin of one step of `_DEQUANT_ASM`: lanes (h * mult + nz) * s, rounded once to fp16."""
+        h_lo, h_hi = _unpack_h2(h)
+        s_lo, s_hi = _unpack_h2(s)
+        z_lo, z_hi = _unpack_h2(nz)
+        w_lo = (h_lo.to(tl.float32) * mult + z_lo.to(tl.float32)) * s_lo.to(tl.float32)
+        w_hi = (h_hi.to(tl.float32) * mult + z_hi.to(tl.float32)) * s_hi.to(tl.float32)
+        return _pack_h2(w_lo.to(tl.float16), w_hi.to(tl.float16))
+
+    @triton.jit
+    def _dequant_h2(q, s0, s1, s2, s3, nz0, nz1, nz2, nz3, ASM: tl.constexpr):
+        """AWQ words -> 4 int32 tensors of dequantized fp16 weight pairs: pair j holds output columns 2j, 2j + 1
+        of each word, which AutoAWQ's nibble order stores in nibbles j and j + 4, i.e. in the same bit position
+        of the word's two 16-bit halves. One AND-OR (`lop3`) per pair turns both codes into fp16 (1024 + code,
+        or 1024 + 16 code for a byte's upper nibble), one packed FMA subtracts 1024 and the zero point (`nz*`,
+        exact), one packed FMA applies the scales: 13 instructions per 8 weights, each weight rounded once
+        like `awq_dequantize_ref`."""
+        if ASM:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                _DEQUANT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [q, s0, s1, s2, s3, nz0, nz1, nz2, nz3],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            w0 = _dequant_pair_ref((q & 0x000F000F) | _MAGIC, s0, nz0, 1.0)
+            w1 = _dequant_pair_ref((q & 0x00F000F0) | _MAGIC, s1, nz1, 0.0625)
+            w2 = _dequant_pair_ref(((q >> 8) & 0x000F000F) | _MAGIC, s2, nz2, 1.0)
+            w3 = _dequant_pair_ref(((q >> 8) & 0x00F000F0) | _MAGIC, s3, nz3, 0.0625)
+        return w0, w1, w2, w3
+
+    @triton.jit
+    def _fma_h2(a, b, c, ASM: tl.constexpr):
+        """Packed a * b + c on int32 words carrying two fp16 lanes (`fma.rn.f16x2`)."""
+        if ASM:
+            out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                            is_pure=True, pack=1)
+        else:
+            a_lo, a_hi = _unpack_h2(a)
+            b_lo, b_hi = _unpack_h2(b)
+            c_lo, c_hi = _unpack_h2(c)
+            lo = a_lo.to(tl.float32) * b_lo.to(tl.float32) + c_lo.to(tl.float32)
+            hi = a_hi.to(tl.float32) * b_hi.to(tl.float32) + c_hi.to(tl.float32)
+            out = _pack_h2(lo.to(tl.float16), hi.to(tl.float16))
+        return out
+
+    @triton.jit
+    def _neg_zeros_h2(zw, ASM: tl.constexpr):
+        """Zero words -> the `nz*` operands of `_dequant_h2`: -(1024 + z) for even pairs and -(64 + z) for odd
+        pairs (whose codes read as 16 code), i.e. the zero nibbles OR-ed under 0xE400 (-1024.0), the odd pairs'
+        then scaled by 1/16 (exact)."""
+        if ASM:
+            nz0, nz1, nz2, nz3 = tl.inline_asm_elementwise(
+                _NEG_ZEROS_ASM, "=r,=r,=r,=r,r", [zw], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True, pack=1)
+        else:
+            nz0 = (zw & 0x000F000F) | _NEG_MAGIC
+            nz1 = _scale_h2((zw & 0x00F000F0) | _NEG_MAGIC, 0.0625)
+            nz2 = ((zw >> 8) & 0x000F000F) | _NEG_MAGIC
+            nz3 = _scale_h2(((zw >> 8) & 0x00F000F0) | _NEG_MAGIC, 0.0625)
+        return nz0, nz1, nz2, nz3
+
+    @triton.jit
+    def _scale_h2(v, factor):
+        """Both fp16 lanes of v times factor (plain Triton; exact for the powers of two used here)."""
+        lo, hi = _unpack_h2(v)
+        return _pack_h2((lo.to(tl.float32) * factor).to(tl.float16), (hi.to(tl.float32) * factor).to(tl.float16))
+
+    @triton.jit
+    def _sum_h2(acc_lo, acc_hi, h):
+        """Add the K sums (axis 1) of the two fp16 lanes of partial sums h [BLOCK_M, BLOCK_K, BLOCK_P] into fp32
+        accumulators [BLOCK_M, BLOCK_P]."""
+        lo, hi = _unpack_h2(h)
+        return acc_lo + tl.sum(lo.to(tl.float32), axis=1), acc_hi + tl.sum(hi.to(tl.float32), axis=1)
+
+    @triton.jit
+    def _columns8(c0, c1, c2, c3, c4, c5, c6, c7):
+        """[R, P] tensors c0..c7 -> [R, 8P] with column 8p + i taken from c_i. A join adds a last axis whose index
+        varies fastest after the reshape, so each level pairs the halves that differ in the lowest column bit."""
+        even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        both = tl.join(even, odd)
+        return tl.reshape(both, (both.shape[0], 8 * both.shape[1]))
+
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,
-                         SPLIT_K, stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                         NUM_STAGES: tl.constexpr):
-        """Decode kernel. A program owns BLOCK_P packed columns (8 * BLOCK_P outputs) and one K split (whole
-        quantization groups), keeping the 8 nibbles of each word apart ([BLOCK_K, 8, BLOCK_P]) so no register
-        shuffles are needed. Within a group, sum_k x (q - z) s = s (sum_k x q - z sum_k x): the int4 codes enter
-        the FMAs as exact floats (OR-ed into the mantissa of 2^23, then 2^23 subtracted: cheaper than an
-        int-to-float convert) and zeros and scales are applied once per group and column. Split-K partials are
-        combined in-kernel by the last split of each column tile (`store_tile`)."""
+                         SPLIT_K, stride_xm, stride_om, stride_q, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        """Decode kernel on packed fp16 pairs. A program owns BLOCK_P AWQ words per row (8 * BLOCK_P outputs) and
+        one K split of whole quantization groups. Each word becomes 4 dequantized f16x2 weight pairs
+        (`_dequant_h2`) and one packed FMA per pair and row adds w * x into fp16 partial sums, so a weight costs
+        about 2 instructions instead of a shift, mask, convert and FMA of its own. Every FLUSH groups the
+        partial sums are reduced over K into fp32 accumulators (fp16 partials of at most FLUSH * GROUP_SIZE /
+        BLOCK_K products each). bf16 activations are computed in fp16 like the checkpoint's scales (clamped
+        to its range). Split-K partials are combined in-kernel by the last split of each column tile
+        (`store_tile`)."""
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < N // 8
-        nib = tl.arange(0, 8)
-        shifts = (4 * nib)[None, :, None]
-        cols = 8 * offs_p[None, :] + (2 * (nib % 4) + nib // 4)[:, None]  # [8, BLOCK_P] output columns
+        mask_p = offs_p < stride_q
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
         k_begin = tl.program_id(1) * K_PER_SPLIT
         k_stop = tl.minimum(k_begin + K_PER_SPLIT, K)
-        acc = tl.zeros([BLOCK_M, 8, BLOCK_P], dtype=tl.float32)
-        for g0 in range(k_begin, k_stop, GROUP_SIZE):
-            dots = tl.zeros([BLOCK_M, 8, BLOCK_P], dtype=tl.float32)
-            x_sums = tl.zeros([BLOCK_M, 1, 1], dtype=tl.float32)
-            for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
-                k = k0 + offs_k
-                q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * (N // 8) + offs_p[None, :], mask=mask_p[None, :],
-                            other=0, eviction_policy="evict_first")
-                w = (((q[:, None, :] >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                for m in tl.static_range(BLOCK_M):
-                    row_ok = tl.full([BLOCK_K], m, tl.int32) < M
-                    x = tl.load(x_ptr + m * stride_xm + k, mask=row_ok, other=0.0).to(tl.float32)
-                    dot = tl.sum(w * x[:, None, None], axis=0)[None, :, :]
-                    x_sum = tl.sum(x, axis=0)
-                    if BLOCK_M == 1:
-                        dots += dot
-                        x_sums += x_sum
-                    else:
-                        row = offs_m[:, None, None] == m
-                        dots = tl.where(row, dots + dot, dots)
-                        x_sums = tl.where(row, x_sums + x_sum, x_sums)
-            group = g0 // GROUP_SIZE
-            z = tl.load(qz_ptr + group * (N // 8) + offs_p, mask=mask_p, other=0)
-            z = ((z[None, :] >> (4 * nib)[:, None]) & 0xF).to(tl.float32)
-            s = tl.load(s_ptr + group * N + cols, mask=mask_p[None, :], other=0.0).to(tl.float32)
-            acc += s[None, :, :] * (dots - z[None, :, :] * x_sums)
-        store_tile(tl.reshape(acc, (BLOCK_M, 8 * BLOCK_P)), offs_m, tl.reshape(cols, (8 * BLOCK_P,)), M, N,
-                   SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False, HAS_BIAS)
+        # stride_q = N / 8 is a launch argument so that Triton sees its divisibility and vectorizes the word loads;
+        # words past it re-read word p % stride_q (unmasked loads), whose columns are never stored
+        q_base = qw_ptr + offs_k[None, :, None] * stride_q + (offs_p % stride_q)[None, None, :]
+        x_base = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, :, None]
+        mask_x = offs_m[:, None, None] < M
+        acc0 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        acc4 = acc0
+        acc5 = acc0
+        acc6 = acc0
+        acc7 = acc0
+        wait_for_inputs(PDL)
+        for f0 in range(k_begin, k_stop, FLUSH * GROUP_SIZE):
+            h0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_P], dtype=tl.int32)  # +0.0 in both fp16 lanes
+            h1 = h0
+            h2 = h0
+            h3 = h0
+            for g0 in range(f0, tl.minimum(f0 + FLUSH * GROUP_SIZE, k_stop), GROUP_SIZE):
+                group = g0 // GROUP_SIZE
+                zw = tl.load(qz_ptr + group * stride_q + offs_p, mask=mask_p, other=0)[None, None, :]
+                s_row = s_ptr.to(tl.pointer_type(tl.int32)) + group * (4 * stride_q) + 4 * offs_p  # fp16 pairs
+                s0 = tl.load(s_row, mask=mask_p, other=0)[None, None, :]
+                s1 = tl.load(s_row + 1, mask=mask_p, other=0)[None, None, :]
+                s2 = tl.load(s_row + 2, mask=mask_p, other=0)[None, None, :]
+                s3 = tl.load(s_row + 3, mask=mask_p, other=0)[None, None, :]
+                nz0, nz1, nz2, nz3 = _neg_zeros_h2(zw, ASM)
+                for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
+                    q = tl.load(q_base + k0 * stride_q, eviction_policy="evict_first")
+                    w0, w1, w2, w3 = _dequant_h2(q, s0, s1, s2, s3, nz0, nz1, nz2, nz3, ASM)
+                    x = tl.load(x_base + k0, mask=mask_x, other=0.0)
+                    if x.dtype != tl.float16:
+                        x = tl.clamp(x.to(tl.float32), -65504.0, 65504.0)
+                    x = x.to(tl.float16)
+                    x2 = _pack_h2(x, x)
+                    h0 = _fma_h2(w0, x2, h0, ASM)
+                    h1 = _fma_h2(w1, x2, h1, ASM)
+                    h2 = _fma_h2(w2, x2, h2, ASM)
+                    h3 = _fma_h2(w3, x2, h3, ASM)
+            acc0, acc1 = _sum_h2(acc0, acc1, h0)
+            acc2, acc3 = _sum_h2(acc2, acc3, h1)
+            acc4, acc5 = _sum_h2(acc4, acc5, h2)
+            acc6, acc7 = _sum_h2(acc6, acc7, h3)
+        release_dependents(PDL)
+        acc = _columns8(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        cols = tl.reshape(8 * offs_p[:, None] + tl.arange(0, 8)[None, :], (8 * BLOCK_P,))
+        store_tile(acc, offs_m, cols, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False,
+                   HAS_BIAS)
 
     @triton.jit
     def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -289,16 +445,19 @@ def awq_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
                     config: dict[str, int] | None = None) -> torch.Tensor:
-    """Decode GEMV for M <= 8: column tiles x K splits (whole groups per split) to fill the GPU, one launch."""
+    """Decode GEMV for M <= 8 and fp16 / bf16 x: column tiles x K splits (whole groups per split) to fill the
+    GPU, one launch. config overrides `AWQ_GEMV_CONFIGS` (benchmarks)."""
     m, n, k = _check(x, qweight, qzeros, scales, group_size)
     if m > _GEMV_LIMIT:
         raise ValueError(f"AWQ GEMV handles at most {_GEMV_LIMIT} rows, got {m}")
+    if x.dtype not in _GEMV_DTYPES:
+        raise ValueError(f"the AWQ GEMV computes in packed fp16 / bf16 pairs; got {x.dtype} activations")
     if group_size & (group_size - 1):
         raise ValueError(f"the AWQ GEMV needs a power-of-two group size, got {group_size}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = dict(AWQ_GEMV_CONFIG, **(config or {}))
+    cfg = dict(AWQ_GEMV_CONFIGS[next_power_of_2(m)], **(config or {}))
     if group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {group_size}")
     tiles = cdiv(n // AWQ_PACK, cfg["BLOCK_P"])
@@ -308,10 +467,12 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     split = cdiv(k, k_per_split)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     counters = split_counters(x.device, tiles) if split > 1 else out
+    pdl = use_pdl(x)
     _awq_gemv_kernel[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws,
                                      counters, m, n, k, k_per_split, split, x.stride(0), out.stride(0),
-                                     GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m),
-                                     **cfg)
+                                     n // AWQ_PACK, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m),
+                                     ASM=not TRITON_INTERPRETED, PDL=pdl,
+                                     launch_pdl=pdl, **cfg)
     return out
 
 
@@ -334,7 +495,7 @@ def select_awq_backend(x: torch.Tensor) -> str:
     if not can_use_triton(x):
         return "torch"
     m = x.shape[0]
-    if m <= min(AWQ_DISPATCH["gemv_max_m"], _GEMV_LIMIT):
+    if m <= min(AWQ_DISPATCH["gemv_max_m"], _GEMV_LIMIT) and x.dtype in _GEMV_DTYPES:
         return "gemv"
     if m >= AWQ_DISPATCH["dequant_mm_min_m"]:
         return "dequant_mm"
