@@ -1,9 +1,10 @@
 """AWQ W4A16 decode GEMV sweep on the GPU: `awq_gemv_triton` launch configs vs fp16 cuBLAS, Qwen2.5-32B shapes.
 
 For each shape and M, every config in the grid is checked against `awq_gemm_ref` (relative Frobenius error < 1e-2)
-and timed; the table shows M's default in `AWQ_GEMV_CONFIGS`, the best config, and cuBLAS on the dequantized fp16
-weight. Timing: a CUDA graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never
-holds the next call's weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
+and timed; the table shows M's default in `AWQ_GEMV_CONFIGS`, the best config, cuBLAS on the dequantized fp16
+weight and the dequantizing Triton GEMM (`awq_gemm_triton`, the path for M above the GEMV's range). Timing: a CUDA
+graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never holds the next call's
+weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
 
     PYTHONPATH=$PWD python benchmarks/bench_awq_gemv.py [--ms 1 4 8] [--json out.json]
 """
@@ -27,6 +28,8 @@ GRIDS = {
     # tiles x pipeline depth x warps at the default flush interval
     "main": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=s, num_warps=w, FLUSH=4)
              for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (2, 3, 4), (4, 8))],
+    # small tiles for M > 1 (a thread keeps 4 * M partial sums per word of its tile)
+    "small": [dict(BLOCK_P=p, BLOCK_K=k, num_warps=w) for p, k, w in itertools.product((8, 16, 32), (8, 16), (4, 8))],
     # groups between the fp32 reductions of the fp16 partial sums, at two tile shapes
     "flush": [dict(BLOCK_P=p, BLOCK_K=k, FLUSH=f) for p, k, f in itertools.product((32,), (16, 32), (1, 2, 4, 8))],
 }
@@ -49,7 +52,7 @@ def main() -> int:
     rows = []
     print(f"{torch.cuda.get_device_name()}; defaults {awq.AWQ_GEMV_CONFIGS}")
     print(f"{'shape':8} {'M':>2} | {'default us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
-          f"{'fp16 cuBLAS us':>14} {'speedup':>7}")
+          f"{'fp16 cuBLAS us':>14} {'speedup':>7} | {'gemm us':>9}")
     for name in args.shapes:
         n, k = SHAPES[name]
         nbytes = k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
@@ -81,13 +84,15 @@ def main() -> int:
             timed = [r for r in results if "us" in r]
             best = min(timed, key=lambda r: r["us"])
             default = results[0]
+            gemm = graph_us(lambda i: awq.awq_gemm_triton(x, qw[i], qz[i], sc[i], GROUP), copies)
             w16s = [w16] + [w16.clone() for _ in range(max(1, (256 << 20) // w16.numel() // 2) - 1)]
             cublas = graph_us(lambda i: x @ w16s[i], len(w16s))
             rows.append(dict(shape=name, n=n, k=k, m=m, bytes=nbytes, default=default, best=best, cublas_us=cublas,
+                             triton_gemm_us=gemm,
                              all=results))
             print(f"{name:8} {m:>2} | {default.get('us', float('nan')):10.1f} {default.get('gbps', 0):5.0f} | "
                   f"{best['us']:7.1f} {best['gbps']:5.0f} {str(best['config']):40} | {cublas:14.1f} "
-                  f"{cublas / best['us']:7.2f}x", flush=True)
+                  f"{cublas / best['us']:7.2f}x | {gemm:9.1f}", flush=True)
             del w16s
         del qw, qz, sc, w16
         torch.cuda.empty_cache()

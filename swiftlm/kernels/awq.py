@@ -39,9 +39,9 @@ _GEMV_LIMIT = 8
 # tile, so larger M takes smaller tiles.
 AWQ_GEMV_CONFIGS: dict[int, dict[str, int]] = {
     1: {"BLOCK_P": 32, "BLOCK_K": 32, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    2: {"BLOCK_P": 32, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    4: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    8: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 8},
+    2: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    4: {"BLOCK_P": 16, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    8: {"BLOCK_P": 16, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
 }
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
@@ -278,6 +278,28 @@ if HAS_TRITON:
         return _pack_h2((lo.to(tl.float32) * factor).to(tl.float16), (hi.to(tl.float32) * factor).to(tl.float16))
 
     @triton.jit
+    def _group_meta(qz_ptr, s_ptr, group, stride_q, offs_p, mask_p):
+        """A group's zero words [1, 1, BLOCK_P] and scales as four [1, 1, BLOCK_P] tensors of fp16 pairs (columns
+        8p + 2j, 8p + 2j + 1 for j = 0..3)."""
+        zw = tl.load(qz_ptr + group * stride_q + offs_p, mask=mask_p, other=0)[None, None, :]
+        s_row = s_ptr.to(tl.pointer_type(tl.int32)) + group * (4 * stride_q) + 4 * offs_p
+        s0 = tl.load(s_row, mask=mask_p, other=0)[None, None, :]
+        s1 = tl.load(s_row + 1, mask=mask_p, other=0)[None, None, :]
+        s2 = tl.load(s_row + 2, mask=mask_p, other=0)[None, None, :]
+        s3 = tl.load(s_row + 3, mask=mask_p, other=0)[None, None, :]
+        return zw, s0, s1, s2, s3
+
+    @triton.jit
+    def _load_x2(ptrs, mask):
+        """Activations at `ptrs` as fp16 duplicated into both lanes of an int32 (the x operand of `_fma_h2`);
+        bf16 inputs are clamped to fp16's range first."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if x.dtype != tl.float16:
+            x = tl.clamp(x.to(tl.float32), -65504.0, 65504.0)
+        x = x.to(tl.float16)
+        return _pack_h2(x, x)
+
+    @triton.jit
     def _sum_h2(acc_lo, acc_hi, h):
         """Add the K sums (axis 1) of the two fp16 lanes of partial sums h [BLOCK_M, BLOCK_K, BLOCK_P] into fp32
         accumulators [BLOCK_M, BLOCK_P]."""
@@ -325,33 +347,34 @@ if HAS_TRITON:
         acc5 = acc0
         acc6 = acc0
         acc7 = acc0
+        # The next K step's activations and the next group's zeros and scales are loaded one step ahead (plain
+        # loads of 2-byte elements are not software-pipelined, and a wait for them every step stalls the stream).
+        zw, s0, s1, s2, s3 = _group_meta(qz_ptr, s_ptr, k_begin // GROUP_SIZE, stride_q, offs_p, mask_p)
         wait_for_inputs(PDL)
+        x2 = _load_x2(x_base + k_begin, mask_x)
         for f0 in range(k_begin, k_stop, FLUSH * GROUP_SIZE):
             h0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_P], dtype=tl.int32)  # +0.0 in both fp16 lanes
             h1 = h0
             h2 = h0
             h3 = h0
             for g0 in range(f0, tl.minimum(f0 + FLUSH * GROUP_SIZE, k_stop), GROUP_SIZE):
-                group = g0 // GROUP_SIZE
-                zw = tl.load(qz_ptr + group * stride_q + offs_p, mask=mask_p, other=0)[None, None, :]
-                s_row = s_ptr.to(tl.pointer_type(tl.int32)) + group * (4 * stride_q) + 4 * offs_p  # fp16 pairs
-                s0 = tl.load(s_row, mask=mask_p, other=0)[None, None, :]
-                s1 = tl.load(s_row + 1, mask=mask_p, other=0)[None, None, :]
-                s2 = tl.load(s_row + 2, mask=mask_p, other=0)[None, None, :]
-                s3 = tl.load(s_row + 3, mask=mask_p, other=0)[None, None, :]
                 nz0, nz1, nz2, nz3 = _neg_zeros_h2(zw, ASM)
+                c0 = s0
+                c1 = s1
+                c2 = s2
+                c3 = s3
+                next_group = tl.minimum(g0 // GROUP_SIZE + 1, (k_stop - 1) // GROUP_SIZE)  # the last reloads itself
+                zw, s0, s1, s2, s3 = _group_meta(qz_ptr, s_ptr, next_group, stride_q, offs_p, mask_p)
                 for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
                     q = tl.load(q_base + k0 * stride_q, eviction_policy="evict_first")
-                    w0, w1, w2, w3 = _dequant_h2(q, s0, s1, s2, s3, nz0, nz1, nz2, nz3, ASM)
-                    x = tl.load(x_base + k0, mask=mask_x, other=0.0)
-                    if x.dtype != tl.float16:
-                        x = tl.clamp(x.to(tl.float32), -65504.0, 65504.0)
-                    x = x.to(tl.float16)
-                    x2 = _pack_h2(x, x)
+                    k_next = k0 + BLOCK_K
+                    x2_next = _load_x2(x_base + k_next, mask_x & (k_next + offs_k[None, :, None] < k_stop))
+                    w0, w1, w2, w3 = _dequant_h2(q, c0, c1, c2, c3, nz0, nz1, nz2, nz3, ASM)
                     h0 = _fma_h2(w0, x2, h0, ASM)
                     h1 = _fma_h2(w1, x2, h1, ASM)
                     h2 = _fma_h2(w2, x2, h2, ASM)
                     h3 = _fma_h2(w3, x2, h3, ASM)
+                    x2 = x2_next
             acc0, acc1 = _sum_h2(acc0, acc1, h0)
             acc2, acc3 = _sum_h2(acc2, acc3, h1)
             acc4, acc5 = _sum_h2(acc4, acc5, h2)
