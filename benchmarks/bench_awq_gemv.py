@@ -1,8 +1,9 @@
 """AWQ W4A16 decode GEMV sweep on the GPU: `awq_gemv_triton` launch configs vs fp16 cuBLAS, Qwen2.5-32B shapes.
 
 For each shape and M, every config in the grid is checked against `awq_gemm_ref` (relative Frobenius error < 1e-2)
-and timed; the table shows M's default in `AWQ_GEMV_CONFIGS`, the best config, cuBLAS on the dequantized fp16
-weight and the dequantizing Triton GEMM (`awq_gemm_triton`, the path for M above the GEMV's range). Timing: a CUDA
+and timed; the table shows the shipped choice (`AWQ_GEMV_SHAPE_CONFIGS`, else M's `AWQ_GEMV_CONFIGS`), the best
+config, cuBLAS on the dequantized fp16 weight and the dequantizing Triton GEMM (`awq_gemm_triton`, the path for M
+above the GEMV's range). Timing: a CUDA
 graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never holds the next call's
 weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
 
@@ -30,6 +31,9 @@ GRIDS = {
              for p, k, s, w in itertools.product((16, 32, 64), (16, 32), (2, 3, 4), (4, 8))],
     # small tiles for M > 1 (a thread keeps 4 * M partial sums per word of its tile)
     "small": [dict(BLOCK_P=p, BLOCK_K=k, num_warps=w) for p, k, w in itertools.product((8, 16, 32), (8, 16), (4, 8))],
+    # K splits (0: the launch heuristic) at the two best M = 1 tiles of 9a4ae88
+    "split": [dict(BLOCK_P=p, BLOCK_K=k, split_k=s) for (p, k), s in itertools.product(
+        ((64, 16), (32, 32)), (0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 54))],
     # groups between the fp32 reductions of the fp16 partial sums, at two tile shapes
     "flush": [dict(BLOCK_P=p, BLOCK_K=k, FLUSH=f) for p, k, f in itertools.product((32,), (16, 32), (1, 2, 4, 8))],
 }
@@ -51,7 +55,7 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     print(f"{torch.cuda.get_device_name()}; defaults {awq.AWQ_GEMV_CONFIGS}")
-    print(f"{'shape':8} {'M':>2} | {'default us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
+    print(f"{'shape':8} {'M':>2} | {'shipped us':>10} {'GB/s':>5} | {'best us':>7} {'GB/s':>5} {'best config':40} | "
           f"{'fp16 cuBLAS us':>14} {'speedup':>7} | {'gemm us':>9}")
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -67,20 +71,22 @@ def main() -> int:
             x = torch.randn(m, k, device="cuda", generator=gen).half()
             ref = awq.awq_gemm_ref(x, qw[0], qz[0], sc[0], GROUP).float()
             default_cfg = awq.AWQ_GEMV_CONFIGS[1 << (m - 1).bit_length()]
-            grid = [default_cfg] + [dict(default_cfg, **c) for c in GRIDS[args.grid]
-                                    if dict(default_cfg, **c) != default_cfg]
+            grid = [None] + [dict(default_cfg, **c) for c in GRIDS[args.grid]]  # None: the shipped choice
             results = []
             for cfg in grid:
+                launch = None if cfg is None else dict(cfg)
+                split = launch.pop("split_k", None) if launch else None
                 try:
-                    out = awq.awq_gemv_triton(x, qw[0], qz[0], sc[0], GROUP, config=cfg).float()
+                    out = awq.awq_gemv_triton(x, qw[0], qz[0], sc[0], GROUP, config=launch, split_k=split).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     if err > 1e-2:
-                        results.append(dict(config=cfg, error=f"rel err {err:.2e}"))
+                        results.append(dict(config=cfg or "shipped", error=f"rel err {err:.2e}"))
                         continue
-                    us = graph_us(lambda i: awq.awq_gemv_triton(x, qw[i], qz[i], sc[i], GROUP, config=cfg), copies)
-                    results.append(dict(config=cfg, us=us, gbps=nbytes / us / 1e3, rel_err=err))
+                    us = graph_us(lambda i: awq.awq_gemv_triton(x, qw[i], qz[i], sc[i], GROUP, config=launch,
+                                                                split_k=split), copies)
+                    results.append(dict(config=cfg or "shipped", us=us, gbps=nbytes / us / 1e3, rel_err=err))
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a large tile
-                    results.append(dict(config=cfg, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
+                    results.append(dict(config=cfg or "shipped", error=f"{type(exc).__name__}: {str(exc)[:120]}"))
             timed = [r for r in results if "us" in r]
             best = min(timed, key=lambda r: r["us"])
             default = results[0]

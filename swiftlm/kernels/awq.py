@@ -30,18 +30,35 @@ AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column offset j
 
-# M <= gemv_max_m (fp16 / bf16 x): GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the Triton GEMM.
-AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 8, "dequant_mm_min_m": 1 << 30}
+# M <= gemv_max_m (fp16 / bf16 x): GEMV kernel; M >= dequant_mm_min_m: dequantize W then torch.mm; otherwise the
+# Triton GEMM.
+# The GEMV beat the Triton GEMM at M <= 4 on Qwen2.5-32B shapes and lost at M = 8 (awq_gemv_m248_h100_9a4ae88.json).
+AWQ_DISPATCH: dict[str, int] = {"gemv_max_m": 4, "dequant_mm_min_m": 1 << 30}
 _GEMV_LIMIT = 8
 # Launch parameters of the decode GEMV per M bucket (1, 2, 4, 8): BLOCK_P packed int32 columns (8 outputs each)
 # per program, BLOCK_K rows per step (a divisor of the group size), FLUSH groups between fp32 reductions of the fp16
 # partial sums, NUM_STAGES-deep software pipeline. A thread keeps 4 * M partial-sum registers per word of its
-# tile, so larger M takes smaller tiles.
+# tile, so larger M takes smaller tiles. Measured on H100 80GB HBM3 (`benchmarks/bench_awq_gemv.py`,
+# benchmarks/results/awq_gemv_*_9a4ae88.json): the best tiles summed over the Qwen2.5-32B shapes.
 AWQ_GEMV_CONFIGS: dict[int, dict[str, int]] = {
     1: {"BLOCK_P": 32, "BLOCK_K": 32, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    2: {"BLOCK_P": 16, "BLOCK_K": 16, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    4: {"BLOCK_P": 16, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
-    8: {"BLOCK_P": 16, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    2: {"BLOCK_P": 16, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    4: {"BLOCK_P": 32, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+    8: {"BLOCK_P": 32, "BLOCK_K": 8, "FLUSH": 4, "NUM_STAGES": 3, "num_warps": 4},
+}
+# Per-shape overrides, (N, K, M bucket) -> tile and K split. The split decides how the programs fill the GPU's
+# ~3 resident programs per SM and moved these shapes by up to 25% (`--grid split`, awq_gemv_split*_h100_*.json);
+# comments: time vs the M bucket's default. Shapes: Qwen2.5-32B qkv, o, gate_up, down.
+_P64 = {"BLOCK_P": 64, "BLOCK_K": 16}
+_P32 = {"BLOCK_P": 32, "BLOCK_K": 32}
+AWQ_GEMV_SHAPE_CONFIGS: dict[tuple[int, int, int], dict[str, int]] = {
+    (5120, 5120, 1): dict(_P32, split_k=16),  # 13.6 vs 17.0 us
+    (55296, 5120, 1): dict(_P64, split_k=12),  # 74.9 vs 97.1 us
+    (5120, 27648, 1): dict(_P64, split_k=40),  # 43.3 vs 54.5 us
+    (7168, 5120, 2): dict(_P32, split_k=8),  # 24.5 vs 37.9 us
+    (5120, 5120, 2): dict(_P32, split_k=10),  # 18.4 vs 22.9 us
+    (55296, 5120, 2): dict(_P64, split_k=2),  # 133.3 vs 176.3 us
+    (5120, 27648, 2): dict(_P64, split_k=24),  # 69.4 vs 107.3 us
 }
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 AWQ_BACKENDS = ("gemv", "gemm", "dequant_mm", "torch")
@@ -469,7 +486,8 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                     group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
                     config: dict[str, int] | None = None) -> torch.Tensor:
     """Decode GEMV for M <= 8 and fp16 / bf16 x: column tiles x K splits (whole groups per split) to fill the
-    GPU, one launch. config overrides `AWQ_GEMV_CONFIGS` (benchmarks)."""
+    GPU, one launch. config (benchmarks) replaces the per-shape entry of `AWQ_GEMV_SHAPE_CONFIGS` over M's
+    default in `AWQ_GEMV_CONFIGS`; split_k (or the entry's) overrides the launch heuristic."""
     m, n, k = _check(x, qweight, qzeros, scales, group_size)
     if m > _GEMV_LIMIT:
         raise ValueError(f"AWQ GEMV handles at most {_GEMV_LIMIT} rows, got {m}")
@@ -480,7 +498,10 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = dict(AWQ_GEMV_CONFIGS[next_power_of_2(m)], **(config or {}))
+    bucket = next_power_of_2(m)
+    cfg = dict(AWQ_GEMV_CONFIGS[bucket], **(AWQ_GEMV_SHAPE_CONFIGS.get((n, k, bucket), {}) if config is None
+                                            else config))
+    split_k = split_k or cfg.pop("split_k", None)
     if group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {group_size}")
     tiles = cdiv(n // AWQ_PACK, cfg["BLOCK_P"])
@@ -493,9 +514,8 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     pdl = use_pdl(x)
     _awq_gemv_kernel[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws,
                                      counters, m, n, k, k_per_split, split, x.stride(0), out.stride(0),
-                                     n // AWQ_PACK, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m),
-                                     ASM=not TRITON_INTERPRETED, PDL=pdl,
-                                     launch_pdl=pdl, **cfg)
+                                     n // AWQ_PACK, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+                                     BLOCK_M=bucket, ASM=not TRITON_INTERPRETED, PDL=pdl, launch_pdl=pdl, **cfg)
     return out
 
 
