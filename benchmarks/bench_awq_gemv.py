@@ -34,6 +34,9 @@ GRIDS = {
     # K splits (0: the launch heuristic) at the two best M = 1 tiles of 9a4ae88
     "split": [dict(BLOCK_P=p, BLOCK_K=k, split_k=s) for (p, k), s in itertools.product(
         ((64, 16), (32, 32)), (0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 54))],
+    # deeper pipelines and longer K steps (more bytes in flight per SM) at several K splits
+    "deep": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=st, split_k=sp) for p, k, st, sp in itertools.product(
+        (32, 64), (16, 32), (3, 4, 5), (0, 8, 12, 16, 24, 40))],
     # groups between the fp32 reductions of the fp16 partial sums, at two tile shapes
     "flush": [dict(BLOCK_P=p, BLOCK_K=k, FLUSH=f) for p, k, f in itertools.product((32,), (16, 32), (1, 2, 4, 8))],
 }
