@@ -37,9 +37,6 @@ GRIDS = {
     # deeper pipelines and longer K steps (more bytes in flight per SM) at several K splits
     "deep": [dict(BLOCK_P=p, BLOCK_K=k, NUM_STAGES=st, split_k=sp) for p, k, st, sp in itertools.product(
         (32, 64), (16, 32), (3, 4, 5), (0, 8, 12, 16, 24, 40))],
-    # register-prefetched weights: tiles x warps x K splits
-    "prefetch": [dict(BLOCK_P=p, BLOCK_K=k, num_warps=w, split_k=sp) for p, k, w, sp in itertools.product(
-        (32, 64), (16, 32), (4, 8), (0, 12, 24, 40))],
     # groups between the fp32 reductions of the fp16 partial sums, at two tile shapes
     "flush": [dict(BLOCK_P=p, BLOCK_K=k, FLUSH=f) for p, k, f in itertools.product((32,), (16, 32), (1, 2, 4, 8))],
 }

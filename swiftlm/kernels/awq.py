@@ -364,12 +364,11 @@ if HAS_TRITON:
         acc5 = acc0
         acc6 = acc0
         acc7 = acc0
-        # The next K step's weights and activations and the next group's zeros and scales are loaded one step
-        # ahead, in registers: the stream never waits on a load issued in the same step.
+        # The next K step's activations and the next group's zeros and scales are loaded one step ahead (plain
+        # loads of 2-byte elements are not software-pipelined, and a wait for them every step stalls the stream).
         zw, s0, s1, s2, s3 = _group_meta(qz_ptr, s_ptr, k_begin // GROUP_SIZE, stride_q, offs_p, mask_p)
         wait_for_inputs(PDL)
         x2 = _load_x2(x_base + k_begin, mask_x)
-        q = tl.load(q_base + k_begin * stride_q, eviction_policy="evict_first")
         for f0 in range(k_begin, k_stop, FLUSH * GROUP_SIZE):
             h0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_P], dtype=tl.int32)  # +0.0 in both fp16 lanes
             h1 = h0
@@ -384,18 +383,15 @@ if HAS_TRITON:
                 next_group = tl.minimum(g0 // GROUP_SIZE + 1, (k_stop - 1) // GROUP_SIZE)  # the last reloads itself
                 zw, s0, s1, s2, s3 = _group_meta(qz_ptr, s_ptr, next_group, stride_q, offs_p, mask_p)
                 for k0 in tl.range(g0, g0 + GROUP_SIZE, BLOCK_K, num_stages=NUM_STAGES):
+                    q = tl.load(q_base + k0 * stride_q, eviction_policy="evict_first")
                     k_next = k0 + BLOCK_K
-                    rows_next = k_next + offs_k[None, :, None] < k_stop
-                    q_next = tl.load(q_base + k_next * stride_q, mask=rows_next, other=0,
-                                     eviction_policy="evict_first")
-                    x2_next = _load_x2(x_base + k_next, mask_x & rows_next)
+                    x2_next = _load_x2(x_base + k_next, mask_x & (k_next + offs_k[None, :, None] < k_stop))
                     w0, w1, w2, w3 = _dequant_h2(q, c0, c1, c2, c3, nz0, nz1, nz2, nz3, ASM)
                     h0 = _fma_h2(w0, x2, h0, ASM)
                     h1 = _fma_h2(w1, x2, h1, ASM)
                     h2 = _fma_h2(w2, x2, h2, ASM)
                     h3 = _fma_h2(w3, x2, h3, ASM)
                     x2 = x2_next
-                    q = q_next
             acc0, acc1 = _sum_h2(acc0, acc1, h0)
             acc2, acc3 = _sum_h2(acc2, acc3, h1)
             acc4, acc5 = _sum_h2(acc4, acc5, h2)
