@@ -150,3 +150,36 @@ def test_fp8_moe_checkpoint_equals_online_fp8(tmp_path) -> None:
     full = _last_logits(moe, PROMPT)
     assert _rel(online, ckpt) < 1e-5
     assert _rel(ckpt, full) > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_awq_checkpoint_in_fp16_on_the_gpu_tracks_its_dequantized_model(base, tmp_path, monkeypatch) -> None:
+    """fp16 on CUDA with graphs: the prefill (the dequantizing GEMM) and every batch-1 decode step (the packed-fp16
+    GEMV) give logits within 2e-2 of transformers' fp32 run of the dequantized weights on the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from swiftlm.kernels import awq
+    gemv_calls = []
+    gemv = awq.awq_gemv_triton
+    monkeypatch.setattr(awq, "awq_gemv_triton", lambda *a, **k: gemv_calls.append(1) or gemv(*a, **k))
+    llm = LLM(_rewrite(base, str(tmp_path / "awq"), AWQ, _awq), dtype="float16")
+    seen: list[torch.Tensor] = []
+    sampler = llm.engine.model_runner.sampler
+
+    def record(logits, batch):
+        seen.append(logits.detach().float().cpu().clone())
+        return sampler(logits, batch)
+    llm.engine.model_runner.sampler = record
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    tokens = out[0].token_ids
+    assert gemv_calls and len(seen) == 8
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f".{lin}.weight" in name for lin in LINEARS):
+                p.copy_(_awq_dequant(p))
+        want = model(torch.tensor([PROMPT + list(tokens[:-1])])).logits[0, len(PROMPT) - 1:]
+    llm.engine = None  # free the GPU for the next test
+    for step, got in enumerate(seen):
+        assert _rel(got[0], want[step]) < 2e-2, step
