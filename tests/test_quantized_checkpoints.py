@@ -72,7 +72,8 @@ def _awq(prefix: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _last_logits(path: str, prompt: list[int], **kwargs) -> torch.Tensor:
-    llm = LLM(path, **kwargs)
+    """The engine's last-token logits on the CPU (fp32, as the bounds here assume) even where CUDA exists."""
+    llm = LLM(path, **{"device": "cpu", **kwargs})
     runner = llm.engine.model_runner
     seen: list[torch.Tensor] = []
     sampler = runner.sampler
