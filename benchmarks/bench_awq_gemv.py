@@ -3,9 +3,8 @@
 For each shape and M, every config in the grid is checked against `awq_gemm_ref` (relative Frobenius error < 1e-2)
 and timed; the table shows the shipped choice (`AWQ_GEMV_SHAPE_CONFIGS`, else M's `AWQ_GEMV_CONFIGS`), the best
 config, cuBLAS on the dequantized fp16 weight and the dequantizing Triton GEMM (`awq_gemm_triton`, the path for M
-above the GEMV's range). Timing: a CUDA
-graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in all, so L2 never holds the next call's
-weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
+above the GEMV's range). Timing: a CUDA graph of 20 back-to-back calls cycling over weight copies (>= 256 MB in
+all, so L2 never holds the next call's weight), median of replays. GB/s counts qweight + qzeros + scales bytes.
 
     PYTHONPATH=$PWD python benchmarks/bench_awq_gemv.py [--ms 1 4 8] [--json out.json]
 """

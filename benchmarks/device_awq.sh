@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: the AWQ W4A16 decode work (issue 5), one part per call so each stays under the 10-minute limit.
 #   gemv:   the AWQ kernel tests on CUDA, the decode-GEMV launch-config sweep on the Qwen2.5-32B shapes (M = 1 over
-#           the main grid, M = 2, 4, 8 over the small grid, each against the Triton GEMM), then bench_engine for Qwen2.5-Coder-32B-Instruct-AWQ (random
-#           weights) without the throughput run: batch-1 TPOT, TTFT 512 / 8000, start-up;
+#           the main grid, M = 2, 4, 8 over the small grid, each against the Triton GEMM), then bench_engine for
+#           Qwen2.5-Coder-32B-Instruct-AWQ (random weights) without the throughput run: batch-1 TPOT, TTFT 512 /
+#           8000, start-up;
 #   engine: that bench_engine run alone.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_awq.sh gemv|engine OUT_DIR
 set -uo pipefail

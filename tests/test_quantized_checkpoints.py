@@ -71,26 +71,34 @@ def _awq(prefix: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales}
 
 
-def _last_logits(path: str, prompt: list[int], **kwargs) -> torch.Tensor:
-    """The engine's last-token logits on the CPU (fp32, as the bounds here assume) even where CUDA exists."""
+def _step_logits(path: str, prompt: list[int], steps: int = 1, **kwargs) -> tuple[list[torch.Tensor], list[int]]:
+    """The engine's logits at each of `steps` greedy steps and the tokens it chose, on the CPU (fp32, as the
+    bounds here assume) even where CUDA exists unless `device` says otherwise."""
     llm = LLM(path, **{"device": "cpu", **kwargs})
     runner = llm.engine.model_runner
     seen: list[torch.Tensor] = []
     sampler = runner.sampler
 
     def record(logits, batch):
-        seen.append(logits.detach().clone())
+        seen.append(logits[0].detach().float().cpu().clone())
         return sampler(logits, batch)
     runner.sampler = record
-    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-    return seen[0][0]
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)
+    return seen, list(out[0].token_ids)
+
+
+def _last_logits(path: str, prompt: list[int], **kwargs) -> torch.Tensor:
+    """The engine's last-token logits of `prompt` (see `_step_logits`)."""
+    return _step_logits(path, prompt, **kwargs)[0][0]
 
 
 PROMPT = list(range(5, 45))
 
 
-def _hf_logits(path: str, dequantize=None) -> torch.Tensor:
-    """transformers' fp32 last-token logits, with every linear weight replaced by dequantize(w) if given."""
+def _hf_logits(path: str, dequantize=None, tokens: list[int] = PROMPT) -> torch.Tensor:
+    """transformers' fp32 logits [len(tokens), vocab], with every linear weight replaced by dequantize(w) if
+    given."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -98,7 +106,7 @@ def _hf_logits(path: str, dequantize=None) -> torch.Tensor:
             for name, p in model.named_parameters():
                 if any(f".{lin}.weight" in name for lin in LINEARS):
                     p.copy_(dequantize(p))
-        return model(torch.tensor([PROMPT])).logits[0, -1]
+        return model(torch.tensor([tokens])).logits[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,14 +126,14 @@ def _awq_dequant(w: torch.Tensor) -> torch.Tensor:
 
 def test_awq_checkpoint_matches_its_dequantized_model(base, tmp_path) -> None:
     got = _last_logits(_rewrite(base, str(tmp_path / "awq"), AWQ, _awq), PROMPT)
-    want = _hf_logits(base, _awq_dequant)
-    assert _rel(want, _hf_logits(base)) > 1e-2  # 4-bit rounding really changed the model
+    want = _hf_logits(base, _awq_dequant)[-1]
+    assert _rel(want, _hf_logits(base)[-1]) > 1e-2  # 4-bit rounding really changed the model
     assert _rel(got, want) < 1e-3
 
 
 def test_fp8_checkpoint_and_online_fp8_agree_and_stay_close(base, tmp_path) -> None:
-    ref = _hf_logits(base)
-    weight_only = _rel(_hf_logits(base, _fp8_dequant), ref)
+    ref = _hf_logits(base)[-1]
+    weight_only = _rel(_hf_logits(base, _fp8_dequant)[-1], ref)
     ckpt = _last_logits(_rewrite(base, str(tmp_path / "fp8"), FP8_DYNAMIC, _fp8), PROMPT)
     online = _last_logits(base, PROMPT, quantization="fp8")
     assert _rel(online, ckpt) < 1e-5
@@ -158,29 +166,13 @@ def test_fp8_moe_checkpoint_equals_online_fp8(tmp_path) -> None:
 def test_awq_checkpoint_in_fp16_on_the_gpu_tracks_its_dequantized_model(base, tmp_path, monkeypatch) -> None:
     """fp16 on CUDA with graphs: the prefill (the dequantizing GEMM) and every batch-1 decode step (the packed-fp16
     GEMV) give logits within 2e-2 of transformers' fp32 run of the dequantized weights on the same tokens."""
-    from transformers import AutoModelForCausalLM
-
     from swiftlm.kernels import awq
     gemv_calls = []
     gemv = awq.awq_gemv_triton
     monkeypatch.setattr(awq, "awq_gemv_triton", lambda *a, **k: gemv_calls.append(1) or gemv(*a, **k))
-    llm = LLM(_rewrite(base, str(tmp_path / "awq"), AWQ, _awq), dtype="float16")
-    seen: list[torch.Tensor] = []
-    sampler = llm.engine.model_runner.sampler
-
-    def record(logits, batch):
-        seen.append(logits.detach().float().cpu().clone())
-        return sampler(logits, batch)
-    llm.engine.model_runner.sampler = record
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    tokens = out[0].token_ids
+    seen, tokens = _step_logits(_rewrite(base, str(tmp_path / "awq"), AWQ, _awq), PROMPT, steps=8, device="cuda",
+                                dtype="float16")
     assert gemv_calls and len(seen) == 8
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(f".{lin}.weight" in name for lin in LINEARS):
-                p.copy_(_awq_dequant(p))
-        want = model(torch.tensor([PROMPT + list(tokens[:-1])])).logits[0, len(PROMPT) - 1:]
-    llm.engine = None  # free the GPU for the next test
+    want = _hf_logits(base, _awq_dequant, PROMPT + tokens[:-1])[len(PROMPT) - 1:]
     for step, got in enumerate(seen):
-        assert _rel(got[0], want[step]) < 2e-2, step
+        assert _rel(got, want[step]) < 2e-2, step
