@@ -1,8 +1,8 @@
 """Decode-step GPU time against the cross-kernel weight prefetch budget (`SWIFTLM_PREFETCH_MB`), one engine.
 
 For each batch size: that many 512-token prompts decode, then the engine's decode step is recaptured as a CUDA
-graph under each setting (budget in MB; 0 = early release and prefetch off; "nopdl" = no programmatic dependent
-launch at all) and replayed. Settings run in rounds (every setting once per round) so that clock drift shows as
+graph under each setting (budget in MB; 0 = early release and prefetch off; "early" = early release without
+prefetch; "nopdl" = no programmatic dependent launch at all) and replayed. Settings run in rounds (every setting once per round) so that clock drift shows as
 spread, not as a difference. Prints a table and writes every replay time to --json.
 
     PYTHONPATH=$PWD python benchmarks/bench_prefetch.py --model benchmarks/models/qwen3-8b --budgets 0 8 16 32
@@ -34,8 +34,9 @@ def git_commit() -> str:
 
 
 def apply(setting: str) -> None:
+    """A budget in MB, "nopdl", or "early": successors released early, no prefetch (a 1-byte budget)."""
     set_pdl(setting != "nopdl")
-    set_prefetch_budget(0 if setting == "nopdl" else float(setting))
+    set_prefetch_budget(0 if setting == "nopdl" else 1 / (1 << 20) if setting == "early" else float(setting))
 
 
 def main() -> None:

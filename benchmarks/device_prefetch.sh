@@ -2,6 +2,8 @@
 # On the GPU machine: the cross-kernel weight prefetch (SWIFTLM_PREFETCH_MB) against no prefetch and no PDL.
 #   ab:     bench_prefetch.py (decode-graph replays per setting, one engine per model) for Qwen3-8B bf16 at batch
 #           1 and 32, Qwen3-8B FP8 and Qwen3-30B-A3B bf16 at batch 1;
+#   early:  early release without prefetch against both off and a 4 MB budget (Qwen3-8B FP8, Qwen3-30B-A3B, batch
+#           1), then full bench_engine runs with the FP8 KV cache and prefetch off: Qwen3-8B FP8 and Qwen3-30B-A3B;
 #   awq:    the same for Qwen2.5-Coder-32B-Instruct-AWQ at batch 1, then the GEMV / attention / MoE / AWQ kernel
 #           tests and the GPU engine tests on CUDA.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_prefetch.sh ab|awq OUT_DIR
@@ -21,6 +23,17 @@ case "$part" in
     ab qwen3-8b --model benchmarks/models/qwen3-8b --batch-sizes 1 32
     ab qwen3-8b-fp8 --model benchmarks/models/qwen3-8b --quantization fp8
     ab qwen3-30b-a3b --model benchmarks/models/qwen3-30b-a3b
+    ;;
+  early)
+    ab qwen3-8b-fp8_early --model benchmarks/models/qwen3-8b --quantization fp8 --budgets 0 early 4
+    ab qwen3-30b-a3b_early --model benchmarks/models/qwen3-30b-a3b --budgets 0 early 4
+    for args in "qwen3-8b-fp8-kvfp8 --quantization fp8 --model benchmarks/models/qwen3-8b" \
+                "qwen3-30b-a3b-kvfp8 --model benchmarks/models/qwen3-30b-a3b"; do
+      set -- $args; name=$1; shift
+      SWIFTLM_PREFETCH_MB=0 python3 benchmarks/bench_engine.py --skip-hf --iters 1 --kv-cache-dtype fp8 "$@" \
+        --json "$out/engine_${name}_h100_$commit.json" > "$out/engine_$name.txt" 2>&1
+      grep -E "tpot|ttft|throughput|startup|Error|error" "$out/engine_$name.txt" | tail -8
+    done
     ;;
   awq)
     ab qwen2.5-coder-32b-awq --model benchmarks/models/qwen2.5-coder-32b-instruct-awq
