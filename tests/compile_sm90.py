@@ -46,10 +46,10 @@ def decode_variants() -> None:
         compile_kernel(attention._decode_split_kernel, types, dict(
             GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
             DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=fused, HAS_NORM=norm, FP8_CACHE=fp8,
-            FP8_MAX=448.0, PRE_ROUND=False, EARLY=True))
+            FP8_MAX=448.0, PRE_ROUND=False))
         print(f"_decode_split_kernel rope={fused} norm={norm} fp8={fp8} direct={direct}")
     compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
-                   dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True, EARLY=True))
+                   dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True))
     print("_decode_merge_kernel")
 
 
@@ -83,7 +83,7 @@ def gemv_variants() -> None:
         fma = kernel == "fma"
         flags = dict(HAS_SCALE=weight == "*fp8e4nv", HAS_BIAS=False, EVEN_K=True, BLOCK_N=4 if fma else 64,
                      BLOCK_K=1024 if fma else 128, SILU_MUL=mode == "silu", NORM=mode == "norm",
-                     HAS_RES=mode == "norm", PDL=True, EARLY=True)
+                     HAS_RES=mode == "norm", PDL=True)
         if fma:
             chunk = 16 if weight == "*fp8e4nv" else 8  # one 16-byte weight vector per thread, as `gemv` picks
             compile_kernel(gemv._gemv_fma_kernel, types, dict(flags, BLOCK_M=1, CHUNK=chunk, NUM_STAGES=1),
@@ -100,8 +100,7 @@ def awq_gemv_variants() -> None:
                  "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
         flags = {name: value for name, value in cfg.items() if name != "num_warps"}
         compile_kernel(awq._awq_gemv_kernel, types, dict(flags, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_M=bucket,
-                                                         ASM=True, PDL=True, EARLY=True),
-                       num_warps=cfg["num_warps"])
+                                                         ASM=True, PDL=True), num_warps=cfg["num_warps"])
         print(f"_awq_gemv_kernel {dtype} M={bucket}")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from swiftlm.kernels.quant import FP8_DTYPE, FP8_MAX, FP8_PRE_ROUND
 from swiftlm.kernels.rope import rope_qk_norm_cache_ref
-from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, early_release, use_pdl
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, use_pdl
 
 if HAS_TRITON:
     import triton
@@ -244,7 +244,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
         IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
-        PRE_ROUND: tl.constexpr, EARLY: tl.constexpr,
+        PRE_ROUND: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
         to this split's tiles. Splits partition whole tiles of the *device-side* seq_len, so an empty split
@@ -255,8 +255,6 @@ if HAS_TRITON:
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         wait_for_inputs(PDL)
-        if EARLY:
-            release_dependents(PDL)
         seq_len = tl.load(seq_lens_ptr + b)
         tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
@@ -304,8 +302,7 @@ if HAS_TRITON:
                          input_precision=DOT_PRECISION)
             m_i = m_new
 
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc * (v_scale / l_safe)[:, None]
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -322,21 +319,16 @@ if HAS_TRITON:
         stride_pb, stride_ph, stride_ps,
         stride_lb, stride_lh,
         stride_ob, stride_oh, num_splits,
-        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):
-        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0. With
-        EARLY it releases its successor before its own wait, so the next GEMV's programs start prefetching
-        weights while the split kernel still runs (this kernel reads no weights, so it has nothing to fetch)."""
+        """Combine split partials of one (sequence, q head) by their log2-sum-exp weights; all-empty -> 0."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         s_mask = offs_s < num_splits
-        if EARLY:
-            release_dependents(PDL)
         wait_for_inputs(PDL)
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
         m = tl.max(lse, 0)
         w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -538,13 +530,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n = block_n or default_n
     dot_dtype, precision = _dot_args(q.dtype)
     pdl = use_pdl(q)
-    early = early_release(q)
     qk_scale = scale * _LOG2E * k_mult
     # num_splits is a run-time argument (not specialized) so every batch size's graph shares one compiled kernel.
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype],
                   DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
-                  PDL=pdl, EARLY=early, launch_pdl=pdl)
+                  PDL=pdl, launch_pdl=pdl)
     grid = (batch, num_kv_heads, num_splits)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     if rope is None:
@@ -571,8 +562,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_merge_kernel[(batch, num_heads)](partial, lse, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
                                              out.stride(0), out.stride(1), num_splits,
                                              SPLITS_PAD=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
-                                             HEAD_DIM=head_dim, num_warps=4, PDL=pdl, EARLY=early,
-                                             launch_pdl=pdl)
+                                             HEAD_DIM=head_dim, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return out
 
 

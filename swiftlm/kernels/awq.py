@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from swiftlm.kernels.triton_support import early_release, split_counters, use_pdl, weight_prefetch
+from swiftlm.kernels.triton_support import split_counters, use_pdl
 from swiftlm.kernels.quant import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv, choose_split_k,
                                    next_power_of_2, num_sms, reduce_split_k)
 
@@ -24,7 +24,7 @@ if HAS_TRITON:
 
     from swiftlm.kernels.gemv import store_tile
     from swiftlm.kernels.quant import store_split_k_tile
-    from swiftlm.kernels.triton_support import prefetch_then_wait, release_dependents, swizzled_tile
+    from swiftlm.kernels.triton_support import release_dependents, swizzled_tile, wait_for_inputs
 
 AWQ_PACK = 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
@@ -332,12 +332,11 @@ if HAS_TRITON:
         both = tl.join(even, odd)
         return tl.reshape(both, (both.shape[0], 8 * both.shape[1]))
 
-    @triton.jit(do_not_specialize=["M", "SPLIT_K", "PF_PROGRAMS", "PF_CHUNK"])
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,
-                         SPLIT_K, stride_xm, stride_om, stride_q, PF_PROGRAMS, PF_CHUNK, GROUP_SIZE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                         FLUSH: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                         EARLY: tl.constexpr):
+                         SPLIT_K, stride_xm, stride_om, stride_q, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         """Decode kernel on packed fp16 pairs. A program owns BLOCK_P AWQ words per row (8 * BLOCK_P outputs) and
         one K split of whole quantization groups. Each word becomes 4 dequantized f16x2 weight pairs
         (`_dequant_h2`) and one packed FMA per pair and row adds w * x into fp16 partial sums (the sm_90 K loop:
@@ -368,8 +367,7 @@ if HAS_TRITON:
         # The next K step's activations and the next group's zeros and scales are loaded one step ahead (plain
         # loads of 2-byte elements are not software-pipelined, and a wait for them every step stalls the stream).
         zw, s0, s1, s2, s3 = _group_meta(qz_ptr, s_ptr, k_begin // GROUP_SIZE, stride_q, offs_p, mask_p)
-        prefetch_then_wait(qw_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), PF_PROGRAMS, PF_CHUNK,
-                           PDL, EARLY)
+        wait_for_inputs(PDL)
         x2 = _load_x2(x_base + k_begin, mask_x)
         for f0 in range(k_begin, k_stop, FLUSH * GROUP_SIZE):
             h0 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_P], dtype=tl.int32)  # +0.0 in both fp16 lanes
@@ -398,8 +396,7 @@ if HAS_TRITON:
             acc2, acc3 = _sum_h2(acc2, acc3, h1)
             acc4, acc5 = _sum_h2(acc4, acc5, h2)
             acc6, acc7 = _sum_h2(acc6, acc7, h3)
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         acc = _columns8(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
         cols = tl.reshape(8 * offs_p[:, None] + tl.arange(0, 8)[None, :], (8 * BLOCK_P,))
         store_tile(acc, offs_m, cols, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, False,
@@ -517,9 +514,8 @@ def awq_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     pdl = use_pdl(x)
     _awq_gemv_kernel[(tiles, split)](x, qweight, qzeros, scales, bias if bias is not None else out, out, ws,
                                      counters, m, n, k, k_per_split, split, x.stride(0), out.stride(0),
-                                     n // AWQ_PACK, *weight_prefetch(qweight, tiles * split), GROUP_SIZE=group_size,
-                                     HAS_BIAS=bias is not None, BLOCK_M=bucket, ASM=not TRITON_INTERPRETED, PDL=pdl,
-                                     EARLY=early_release(x), launch_pdl=pdl, **cfg)
+                                     n // AWQ_PACK, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+                                     BLOCK_M=bucket, ASM=not TRITON_INTERPRETED, PDL=pdl, launch_pdl=pdl, **cfg)
     return out
 
 

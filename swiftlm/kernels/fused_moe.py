@@ -47,8 +47,7 @@ import torch.nn.functional as F
 
 from swiftlm.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_ref
 from swiftlm.kernels.moe_cutlass import cutlass_moe, cutlass_moe_supported
-from swiftlm.kernels.triton_support import (HAS_TRITON, TRITON_INTERPRETED, can_use_triton, early_release,
-                                           split_counters, use_pdl)
+from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, split_counters, use_pdl
 
 if HAS_TRITON:
     import triton
@@ -521,17 +520,15 @@ def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: t
     act = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)
     up, down = configs
     pdl = use_pdl(x)
-    early = early_release(x)
     _moe_gemv_up_kernel[(ids.numel(), _cdiv(inter, up.block_n))](
         x, w13, s13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         act.stride(0), N=inter, K=hidden, TOP_K=top_k, FP8=fp8, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
-        CHUNK=min(chunk, up.block_k), num_warps=up.num_warps, PDL=pdl, EARLY=early, launch_pdl=pdl)
+        CHUNK=min(chunk, up.block_k), num_warps=up.num_warps, PDL=pdl, launch_pdl=pdl)
     out = torch.empty_like(x)
     _moe_gemv_down_kernel[(num_tokens, _cdiv(hidden, down.block_n))](
         act, w2, s2, ids, weights, out, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
         out.stride(0), N=hidden, K=inter, TOP_K=top_k, FP8=fp8, BLOCK_N=down.block_n, BLOCK_K=down.block_k,
-        CHUNK=min(chunk, down.block_k), num_warps=down.num_warps, PDL=pdl, EARLY=early,
-        launch_pdl=pdl)
+        CHUNK=min(chunk, down.block_k), num_warps=down.num_warps, PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -855,15 +852,13 @@ if HAS_TRITON:
     def _moe_gemv_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, stride_xm, stride_we, stride_wn, stride_se,
                             stride_sn, stride_am, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
                             FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                            PDL: tl.constexpr, EARLY: tl.constexpr):
+                            PDL: tl.constexpr):
         """Program (pair, N tile): act[pair, n] = SiLU(gate_n . x) * (up_n . x) with the pair's expert's gate rows
         n and up rows N + n, x the pair's token."""
         pair = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n % N  # rows past N re-read a valid row (unmasked, vectorized loads); never stored
         wait_for_inputs(PDL)
-        if EARLY:
-            release_dependents(PDL)
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
         x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
@@ -871,8 +866,7 @@ if HAS_TRITON:
                            BLOCK_K, CHUNK)
         acc_u = _gemv_rows(tl.zeros([1, BLOCK_N, BLOCK_K // CHUNK], tl.float32), gate_rows + N * stride_wn, x_row,
                            K, BLOCK_N, BLOCK_K, CHUNK)
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         gate = tl.sum(acc_g, axis=2)
         up = tl.sum(acc_u, axis=2)
         if FP8:
@@ -887,7 +881,7 @@ if HAS_TRITON:
     def _moe_gemv_down_kernel(act_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr, stride_am, stride_we, stride_wn,
                               stride_se, stride_sn, stride_om, N: tl.constexpr, K: tl.constexpr,
                               TOP_K: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              CHUNK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                              CHUNK: tl.constexpr, PDL: tl.constexpr):
         """Program (token, N tile): out[t, n] = sum over the token's k slots of weight * (down_n . act[pair]), the
         slots in order in fp32, so the result does not depend on which other tokens share the batch."""
         token = tl.program_id(0)
@@ -895,8 +889,6 @@ if HAS_TRITON:
         rows = offs_n % N
         total = tl.zeros([1, BLOCK_N], tl.float32)
         wait_for_inputs(PDL)
-        if EARLY:
-            release_dependents(PDL)
         for slot in tl.static_range(TOP_K):
             pair = token * TOP_K + slot
             expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -907,7 +899,6 @@ if HAS_TRITON:
             if FP8:
                 part = part * tl.load(s_ptr + expert * stride_se + rows * stride_sn)[None, :]
             total += part
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         tl.store(out_ptr + token * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=offs_n[None, :] < N)

@@ -26,13 +26,13 @@ from swiftlm.kernels.activation import silu_and_mul_ref
 from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref, rms_norm_ref
 from swiftlm.kernels.quant import (FP8_DTYPE, HAS_TRITON, TRITON_INTERPRETED, can_use_triton, cdiv,
                                    next_power_of_2, num_sms)
-from swiftlm.kernels.triton_support import early_release, split_counters, use_pdl, weight_prefetch
+from swiftlm.kernels.triton_support import split_counters, use_pdl
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from swiftlm.kernels.triton_support import prefetch_then_wait, release_dependents
+    from swiftlm.kernels.triton_support import release_dependents, wait_for_inputs
 
 GEMV_MAX_M = 16
 _DOT_M = 16  # tl.dot needs 16 rows; the x^T operand is zero-padded to this many columns
@@ -327,14 +327,12 @@ if HAS_TRITON:
             acc = fma_tile(acc, w, x_ptr, stride_xm, M, k, k_stop, TAIL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, K)
         return acc, ssq
 
-    @triton.jit(do_not_specialize=["M", "SPLIT_K", "PF_PROGRAMS", "PF_CHUNK"])
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, g_ptr, r_out_ptr, M, N, K,
                          K_PER_SPLIT, SPLIT_K, stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
-                         PF_PROGRAMS, PF_CHUNK,
                          HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                         EARLY: tl.constexpr):
+                         SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
         """Program (column tile, K split): CUDA-core dot products of all M rows with its weight rows."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -346,7 +344,7 @@ if HAS_TRITON:
         tile = tl.program_id(0)
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
         ssq = tl.zeros([BLOCK_M, BLOCK_K // CHUNK], dtype=tl.float32)
-        prefetch_then_wait(w_ptr, tl.program_id(1) * tl.num_programs(0) + tile, PF_PROGRAMS, PF_CHUNK, PDL, EARLY)
+        wait_for_inputs(PDL)
         for k0 in tl.range(k_begin, k_full, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
@@ -357,8 +355,7 @@ if HAS_TRITON:
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_stop, other=0.0)
             acc, ssq = _fma_step(acc, ssq, w, x_ptr, r_ptr, g_ptr, r_out_ptr, stride_xm, stride_rm, stride_rom, tile,
                                  M, K, k, k_stop, True, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, SILU_MUL, NORM, HAS_RES)
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         sums = tl.sum(acc, axis=2)
         if NORM:  # one K split covers the whole row, so ssq is the row's full sum of squares
             sums = sums * tl.math.rsqrt(tl.sum(ssq, axis=1) / K + eps)[:, None]
@@ -398,13 +395,12 @@ if HAS_TRITON:
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         return _mma(w, xt, acc, DOT_F32), ssq
 
-    @triton.jit(do_not_specialize=["M", "SPLIT_K", "PF_PROGRAMS", "PF_CHUNK"])
+    @triton.jit(do_not_specialize=["M", "SPLIT_K"])
     def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, g_ptr, r_out_ptr, M, N, K,
                          K_PER_SPLIT, SPLIT_K, stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
-                         PF_PROGRAMS, PF_CHUNK,
                          HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, SILU_MUL: tl.constexpr,
-                         NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                         NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
         """Program (column tile, K split): tensor-core W_tile @ x^T, weight rows on the MMA's wide side."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -418,7 +414,7 @@ if HAS_TRITON:
         tile = tl.program_id(0)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         ssq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        prefetch_then_wait(w_ptr, tl.program_id(1) * tl.num_programs(0) + tile, PF_PROGRAMS, PF_CHUNK, PDL, EARLY)
+        wait_for_inputs(PDL)
         for k0 in range(k_begin, k_full, BLOCK_K):
             acc, ssq = _dot_step(acc, ssq, k0 + offs_k, k_stop, x_ptr, w_rows, r_ptr, g_ptr, r_out_ptr, xt_cols, offs_m,
                                  mask_x, stride_xm, stride_rm, stride_rom, tile, K, False, DOT_F32, SILU_MUL,
@@ -427,8 +423,7 @@ if HAS_TRITON:
             acc, ssq = _dot_step(acc, ssq, k_full + offs_k, k_stop, x_ptr, w_rows, r_ptr, g_ptr, r_out_ptr, xt_cols,
                                  offs_m, mask_x, stride_xm, stride_rm, stride_rom, tile, K, True, DOT_F32,
                                  SILU_MUL, NORM, HAS_RES)
-        if not EARLY:
-            release_dependents(PDL)
+        release_dependents(PDL)
         if NORM:
             acc = acc * tl.math.rsqrt(ssq / K + eps)[None, :]
         store_tile(tl.trans(acc), offs_m, offs_n, M, N, SPLIT_K, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
@@ -535,13 +530,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     res_out = residual_out if residual_out is not None else x
     args = (x, w, scale, bias if bias is not None else out, out, ws, counters, res_in,
             rms_weight if rms_weight is not None else x, res_out, m, n, k, k_per_split, split, x.stride(0),
-            w.stride(0), out.stride(0), res_in.stride(0), res_out.stride(0), rms_eps,
-            *weight_prefetch(w, tiles * split))
+            w.stride(0), out.stride(0), res_in.stride(0), res_out.stride(0), rms_eps)
     pdl = use_pdl(x)
     flags = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SILU_MUL=silu_mul, NORM=rms_weight is not None,
-                 HAS_RES=residual is not None, num_warps=cfg.num_warps, PDL=pdl, EARLY=early_release(x),
-                 launch_pdl=pdl)
+                 HAS_RES=residual is not None, num_warps=cfg.num_warps, PDL=pdl, launch_pdl=pdl)
     if cfg.kernel == "fma":
         chunk = min(16 // w.element_size(), cfg.block_k)  # one 16-byte weight vector per thread
         _gemv_fma_kernel[(tiles, split)](*args, BLOCK_M=next_power_of_2(m), CHUNK=chunk, NUM_STAGES=cfg.num_stages,

@@ -9,13 +9,6 @@ call `wait_for_inputs` before it touches memory that an earlier kernel writes (a
 may only read constant data (weights) before that. `release_dependents` lets the next kernel start launching.
 The wait covers the whole chain: a kernel ends only after its own wait, so its successor's wait implies every
 earlier kernel finished too. `SWIFTLM_PDL=0` turns it off.
-
-Weight prefetch across kernels: a decode step is a chain of weight-streaming GEMVs and latency-bound kernels
-(attention, its merge, routing) that leave HBM idle. Under PDL the chain's kernels release their successor right
-after their own wait (not at their end), so the successor's first programs sit resident while this kernel runs;
-a GEMV's programs then ask L2 for the first `SWIFTLM_PREFETCH_MB` (default 16) of its weight with bulk
-prefetches before they wait, and read it from L2 once their inputs are ready. Weights are constant, so this is
-legal before the wait; 0 turns both the early release and the prefetch off.
 """
 from __future__ import annotations
 
@@ -36,7 +29,6 @@ TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "
 
 
 _pdl_wanted = os.environ.get("SWIFTLM_PDL", "1") != "0"
-_prefetch_bytes = int(float(os.environ.get("SWIFTLM_PREFETCH_MB", "16")) * (1 << 20))
 
 
 def can_use_triton(t: torch.Tensor) -> bool:
@@ -48,29 +40,6 @@ def set_pdl(enabled: bool) -> None:
     """Turn programmatic dependent launch on or off for launches from now on (benchmarks compare both)."""
     global _pdl_wanted
     _pdl_wanted = enabled
-
-
-def set_prefetch_budget(megabytes: float) -> None:
-    """Bytes of its weight a GEMV prefetches into L2 under PDL, for launches from now on (0: off; benchmarks)."""
-    global _prefetch_bytes
-    _prefetch_bytes = int(megabytes * (1 << 20))
-
-
-def early_release(t: torch.Tensor) -> bool:
-    """Whether kernels on `t`'s device release their successor right after their wait (see the module docstring)."""
-    return _prefetch_bytes > 0 and use_pdl(t)
-
-
-def weight_prefetch(w: torch.Tensor, programs: int) -> tuple[int, int]:
-    """(programs that prefetch, bytes each) for a launch of `programs` reading `w`: program i (in launch order)
-    prefetches bytes [i * chunk, (i + 1) * chunk) of w, the first programs covering the budget. (0, 0) when off,
-    when w is not one 16-byte aligned block, or too small to split."""
-    if not early_release(w) or not w.is_contiguous() or w.data_ptr() % 16 or programs < 1:
-        return 0, 0
-    chunk = w.numel() * w.element_size() // programs // 16 * 16
-    if chunk == 0:
-        return 0, 0
-    return min(programs, _prefetch_bytes // chunk), chunk
 
 
 @functools.cache
@@ -99,28 +68,6 @@ if HAS_TRITON:
         """Under PDL, block until the previous kernel in the stream has finished and its writes are visible."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-
-    @triton.jit
-    def prefetch_chunk(ptr, pid, programs, chunk):
-        """Program `pid` asks L2 for bytes [pid * chunk, (pid + 1) * chunk) of the buffer at `ptr` with one bulk
-        prefetch from thread 0 (no wait, no registers held) if pid < programs (`weight_prefetch`). GPU only."""
-        if pid < programs:
-            base = ptr.to(tl.pointer_type(tl.int8)) + pid.to(tl.int64) * chunk
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [base + tl.zeros([1], tl.int32), tl.full([1], chunk, tl.int32)], dtype=tl.int32,
-                is_pure=False, pack=1)
-
-    @triton.jit
-    def prefetch_then_wait(w_ptr, pid, pf_programs, pf_chunk, PDL: tl.constexpr, EARLY: tl.constexpr):
-        """A weight-streaming kernel's start: prefetch its chunk of the weight (`prefetch_chunk`), wait for the
-        inputs, and with EARLY release the successor at once (the caller releases at its end otherwise)."""
-        if EARLY:
-            prefetch_chunk(w_ptr, pid, pf_programs, pf_chunk)
-        wait_for_inputs(PDL)
-        if EARLY:
-            release_dependents(PDL)
 
     @triton.jit
     def release_dependents(PDL: tl.constexpr):
