@@ -1,12 +1,14 @@
 """Paged attention kernels on the GPU: correctness on realistic shapes, then median timings.
 
 Qwen3-8B attention (Hq=32, Hkv=8, D=128, bf16, block_size 16, shuffled block tables):
-  decode  B=1 x ctx 512/8192/32768, B=32 and B=128 x ctx 1024/4096 -> achieved KV-read GB/s vs peak;
+  decode  B=1 x ctx 512/8192/32768, B=32 x ctx 1024/4096/8192, B=128 x ctx 1024/4096, B=256 x ctx 1280 ->
+          achieved KV-read GB/s vs peak, for each `--kv-dtype` cache (bf16, fp8 = e4m3);
   prefill 1 x 8000 tokens, 8 x 1024 tokens, and a 2048-token chunk over a 6144-token prefix -> causal
           TFLOP/s, beside torch SDPA (flash, cuDNN) on dense tensors of the same shapes.
-`--sweep` adds decode num_splits/block_n and prefill tile variants. Needs only swiftlm.kernels.attention.
+`--sweep` adds decode num_splits/block_n (small batches and every fp8 case) and prefill tile variants;
+`--decode-only` skips the prefill cases. Needs only swiftlm.kernels.attention.
 
-    python benchmarks/bench_attention.py [--json PATH] [--sweep]
+    python benchmarks/bench_attention.py [--json PATH] [--sweep] [--kv-dtype bf16 fp8] [--decode-only]
 """
 from __future__ import annotations
 
@@ -45,13 +47,15 @@ def median_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def paged_cache(seq_lens: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random K/V caches holding exactly the needed blocks, handed out in shuffled order."""
+def paged_cache(seq_lens: list[int], gen: torch.Generator,
+                kv_dtype: torch.dtype = DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches (kv_dtype) holding exactly the needed blocks, handed out in shuffled order."""
     needed = [-(-n // BLOCK_SIZE) for n in seq_lens]
     num_blocks = sum(needed)
     shape = (num_blocks, BLOCK_SIZE, HKV, HEAD_DIM)
     k_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE, generator=gen)
     v_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE, generator=gen)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     perm = torch.randperm(num_blocks, device=DEVICE, generator=gen).int()
     tables = torch.zeros(len(seq_lens), max(needed), dtype=torch.int32, device=DEVICE)
     offset = 0
@@ -61,9 +65,9 @@ def paged_cache(seq_lens: list[int], gen: torch.Generator) -> tuple[torch.Tensor
     return k_cache, v_cache, tables
 
 
-def bench_decode(batch: int, ctx: int, sweep: bool, gen: torch.Generator) -> list[dict]:
+def bench_decode(batch: int, ctx: int, sweep: bool, gen: torch.Generator, kv_dtype: torch.dtype = DTYPE) -> list[dict]:
     seq_lens = [ctx] * batch
-    k_cache, v_cache, tables = paged_cache(seq_lens, gen)
+    k_cache, v_cache, tables = paged_cache(seq_lens, gen, kv_dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, HQ, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
     out = torch.empty_like(q)
@@ -84,7 +88,7 @@ def bench_decode(batch: int, ctx: int, sweep: bool, gen: torch.Generator) -> lis
         ms = median_ms(functools.partial(paged_decode_attention, q, k_cache, v_cache, tables, lens, SCALE,
                                          num_splits=splits, out=out, block_n=block_n))
         gbps = kv_bytes / (ms * 1e-3) / 1e9
-        rows.append(dict(kind="decode", case=f"B={batch} ctx={ctx}", variant=label,
+        rows.append(dict(kind="decode", case=f"B={batch} ctx={ctx} {str(kv_dtype)[6:]}", variant=label,
                          num_splits=splits or chosen, us=ms * 1e3, gbps=gbps, pct_peak=100 * gbps / PEAK_GBPS,
                          max_abs_err=err, ok=err <= ATOL))
     return rows
@@ -171,17 +175,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=pathlib.Path, help="write results here")
     parser.add_argument("--sweep", action="store_true", help="also time tuning variants")
+    parser.add_argument("--kv-dtype", choices=("bf16", "fp8"), nargs="+", default=["bf16"],
+                        help="decode cache dtypes (fp8: e4m3)")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill cases")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows: list[dict] = []
-    for batch, ctx in [(1, 512), (1, 8192), (1, 32768), (32, 1024), (32, 4096), (128, 1024), (128, 4096)]:
-        rows += bench_decode(batch, ctx, args.sweep and batch <= 32, gen)
-        print(f"decode B={batch} ctx={ctx} done", flush=True)
-    for name, pairs in [("1x8000", [(8000, 8000)]), ("8x1024", [(1024, 1024)] * 8),
-                        ("chunk 2048 over 6144", [(2048, 8192)])]:
+    kv_dtypes = [torch.bfloat16 if d == "bf16" else torch.float8_e4m3fn for d in args.kv_dtype]
+    for kv_dtype in kv_dtypes:
+        for batch, ctx in [(1, 512), (1, 8192), (1, 32768), (32, 1024), (32, 4096), (32, 8192), (128, 1024),
+                           (128, 4096), (256, 1280)]:
+            rows += bench_decode(batch, ctx, args.sweep and (batch <= 32 or kv_dtype != DTYPE), gen, kv_dtype)
+            print(f"decode B={batch} ctx={ctx} {kv_dtype} done", flush=True)
+            torch.cuda.empty_cache()
+    prefills = [("1x8000", [(8000, 8000)]), ("8x1024", [(1024, 1024)] * 8), ("chunk 2048 over 6144", [(2048, 8192)])]
+    for name, pairs in [] if args.decode_only else prefills:
         rows += bench_prefill(name, pairs, args.sweep, gen)
         print(f"prefill {name} done", flush=True)
         torch.cuda.empty_cache()

@@ -45,7 +45,7 @@ def decode_variants() -> None:
                  "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "slot_ptr": "*i64", **floats}
         compile_kernel(attention._decode_split_kernel, types, dict(
             GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
-            DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=fused, HAS_NORM=norm, FP8_CACHE=fp8,
+            OP_DTYPE=tl.float16 if fp8 else tl.bfloat16, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=fused, HAS_NORM=norm, FP8_CACHE=fp8,
             FP8_MAX=448.0, PRE_ROUND=False))
         print(f"_decode_split_kernel rope={fused} norm={norm} fp8={fp8} direct={direct}")
     compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
@@ -65,13 +65,16 @@ def rope_variants() -> None:
         print(f"_rope_qk_norm_cache_kernel norm={norm} fp8={fp8}")
 
 
-def prefill_variant() -> None:
-    compile_kernel(attention._prefill_kernel, {
-        "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "cu_q_ptr": "*i32",
-        "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32", "v_scale": "fp32"}, dict(
-        GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=128, IN_DTYPE=tl.bfloat16,
-        DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32"), num_warps=8, num_stages=3)
-    print("_prefill_kernel")
+def prefill_variants() -> None:
+    for fp8 in (False, True):
+        cache = "*fp8e4nv" if fp8 else "*bf16"
+        op = tl.float16 if fp8 else tl.bfloat16
+        compile_kernel(attention._prefill_kernel, {
+            "q_ptr": "*bf16", "k_ptr": cache, "v_ptr": cache, "bt_ptr": "*i32", "cu_q_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32", "v_scale": "fp32"}, dict(
+            GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=128, OP_DTYPE=op, DOT_DTYPE=op,
+            DOT_PRECISION="tf32"), num_warps=8, num_stages=3)
+        print(f"_prefill_kernel fp8={fp8}")
 
 
 def gemv_variants() -> None:
@@ -113,7 +116,7 @@ def fill_variant() -> None:
 if __name__ == "__main__":
     decode_variants()
     rope_variants()
-    prefill_variant()
+    prefill_variants()
     gemv_variants()
     awq_gemv_variants()
     fill_variant()

@@ -242,8 +242,8 @@ if HAS_TRITON:
         stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs, eps, k_store_scale, v_store_scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
+        IN_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
         PRE_ROUND: tl.constexpr,
     ):
         """One (sequence, kv head, split): all GROUP query heads (padded to GROUP_PAD rows for tl.dot) attend
@@ -272,10 +272,10 @@ if HAS_TRITON:
                                stride_knh, stride_vnb, stride_vnh, stride_cs, stride_kb, stride_kt, stride_kh,
                                stride_vb, stride_vt, stride_vh, eps, k_store_scale, v_store_scale, HEAD_DIM,
                                GROUP_PAD, BLOCK_SIZE, HAS_NORM, FP8_CACHE, FP8_MAX, PRE_ROUND,
-                               IN_DTYPE).to(DOT_DTYPE)
+                               IN_DTYPE).to(OP_DTYPE).to(DOT_DTYPE)
         else:
             q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                        mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
+                        mask=g_mask[:, None], other=0.0).to(OP_DTYPE).to(DOT_DTYPE)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -292,13 +292,13 @@ if HAS_TRITON:
                         mask=valid[:, None], other=0.0)
             v = tl.load(v_head + block[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
                         mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(IN_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k.to(OP_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(IN_DTYPE).to(DOT_DTYPE), v.to(IN_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
+            acc = tl.dot(p.to(OP_DTYPE).to(DOT_DTYPE), v.to(OP_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
                          input_precision=DOT_PRECISION)
             m_i = m_new
 
@@ -342,7 +342,7 @@ if HAS_TRITON:
     def _prefill_tile(
         acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
         stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
-        offs_n, offs_d, IN_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+        offs_n, offs_d, OP_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """Online-softmax update with keys n..n+BLOCK_N; MASKED applies the causal/bounds mask (diagonal
@@ -360,7 +360,7 @@ if HAS_TRITON:
             k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        s = tl.dot(q, tl.trans(k.to(IN_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(OP_DTYPE).to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             s = tl.where((pos[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -371,7 +371,7 @@ if HAS_TRITON:
             v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(IN_DTYPE).to(DOT_DTYPE), v.to(IN_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
+        acc = tl.dot(p.to(OP_DTYPE).to(DOT_DTYPE), v.to(OP_DTYPE).to(DOT_DTYPE), acc * alpha[:, None],
                      input_precision=DOT_PRECISION)
         return acc, l_i, m_new
 
@@ -386,7 +386,7 @@ if HAS_TRITON:
         stride_ot, stride_oh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One (q head, query tile, sequence). Heads vary fastest in launch order so the GROUP heads sharing
         a kv head run together and reuse its K/V tiles from L2; query tiles are walked last-first so the
@@ -408,7 +408,7 @@ if HAS_TRITON:
         m_mask = offs_m < q_len
         rows = (q_start + offs_m).to(tl.int64)
         q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+                    mask=m_mask[:, None], other=0.0).to(OP_DTYPE).to(DOT_DTYPE)
         q_pos = prefix + offs_m
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -424,11 +424,11 @@ if HAS_TRITON:
         for n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
                                           stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
-                                          offs_n, offs_d, IN_DTYPE, BLOCK_SIZE, False, DOT_DTYPE, DOT_PRECISION)
+                                          offs_n, offs_d, OP_DTYPE, BLOCK_SIZE, False, DOT_DTYPE, DOT_PRECISION)
         for n in range(full_end, kv_end, BLOCK_N):
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, q_pos, n, kv_end, bt_row, k_head, v_head,
                                           stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
-                                          offs_n, offs_d, IN_DTYPE, BLOCK_SIZE, True, DOT_DTYPE, DOT_PRECISION)
+                                          offs_n, offs_d, OP_DTYPE, BLOCK_SIZE, True, DOT_DTYPE, DOT_PRECISION)
 
         o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -446,6 +446,17 @@ def _dot_args(dtype: torch.dtype) -> tuple:
     if dtype == torch.float32 or (dtype == torch.bfloat16 and TRITON_INTERPRETED):
         return tl.float32, "ieee"
     return _TL_DTYPES[dtype], "tf32"
+
+
+def _operand_args(dtype: torch.dtype, cache_dtype: torch.dtype) -> tuple:
+    """(OP_DTYPE, DOT_DTYPE, DOT_PRECISION): the dtype the dot operands are rounded to, then `_dot_args`.
+
+    A 16-bit query over an fp8 cache runs its dots in fp16: e4m3/e5m2 widen to fp16 exactly in one conversion
+    per pair of elements, where bf16 operands took a second conversion per element; q and the probabilities
+    lose nothing that matters (a normalized query and p in [0, 1] sit well inside fp16's range)."""
+    if cache_dtype in _FP8_DTYPES and dtype in (torch.float16, torch.bfloat16):
+        return (tl.float16, *_dot_args(torch.float16))
+    return (_TL_DTYPES[dtype], *_dot_args(dtype))
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -528,12 +539,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
     default_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
     block_n = block_n or default_n
-    dot_dtype, precision = _dot_args(q.dtype)
+    op_dtype, dot_dtype, precision = _operand_args(q.dtype, k_cache.dtype)
     pdl = use_pdl(q)
     qk_scale = scale * _LOG2E * k_mult
     # num_splits is a run-time argument (not specialized) so every batch size's graph shares one compiled kernel.
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                  BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype],
+                  BLOCK_SIZE=block_size, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype], OP_DTYPE=op_dtype,
                   DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
                   PDL=pdl, launch_pdl=pdl)
     grid = (batch, num_kv_heads, num_splits)
@@ -596,7 +607,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     default_m, default_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
     block_m = block_m or default_m
     block_n = block_n or default_n
-    dot_dtype, precision = _dot_args(q.dtype)
+    op_dtype, dot_dtype, precision = _operand_args(q.dtype, k_cache.dtype)
     qk_scale = scale * _LOG2E * k_mult
     grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
     _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
@@ -604,6 +615,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                           q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
                           block_tables.stride(0), out.stride(0), out.stride(1),
                           GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                          BLOCK_M=block_m, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[q.dtype], DOT_DTYPE=dot_dtype,
+                          BLOCK_M=block_m, BLOCK_N=block_n, OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype,
                           DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return out
