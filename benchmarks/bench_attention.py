@@ -82,7 +82,7 @@ def bench_decode(batch: int, ctx: int, sweep: bool, gen: torch.Generator, kv_dty
     variants: list[tuple[str, int | None, int | None]] = [("heuristic", None, None)]
     if sweep:
         variants += [(f"splits={s}", s, None) for s in (1, 2, 4, 8, 16, 32, 64) if s != chosen]
-        variants += [(f"block_n={n}", None, n) for n in (32, 128)]
+        variants += [(f"block_n={n}", None, n) for n in (32, 64, 128, 256)]
     rows = []
     for label, splits, block_n in variants:
         ms = median_ms(functools.partial(paged_decode_attention, q, k_cache, v_cache, tables, lens, SCALE,
