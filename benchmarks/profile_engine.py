@@ -94,9 +94,11 @@ def main() -> None:
     ap.add_argument("--model", default="benchmarks/models/qwen3-8b")
     ap.add_argument("--num-prompts", type=int, default=256, help="throughput-run prompts; 0 skips that run")
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (online)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     args = ap.parse_args()
     compiles = watch_compiles()
-    llm = LLM(args.model, load_format="dummy", max_num_seqs=256, quantization=args.quantization)
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=256, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine, runner = llm.engine, llm.engine.model_runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     runner.execute = timed("execute", runner.execute)
