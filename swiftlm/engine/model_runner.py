@@ -219,8 +219,9 @@ class ModelRunner:
 
     def _profile_run(self) -> None:
         """Forwards at the largest step size, against a one-block (zeroed) cache, to measure peak activation
-        memory: one fresh prompt (SDPA), then one decode row and a prompt continuing a cached prefix (the decode
-        and paged prefill kernels of mixed steps). The second also compiles those kernels now rather than in the
+        memory: one fresh prompt (SDPA), then a prompt continuing a cached prefix beside one decode row and beside
+        as many as a step holds (the decode and paged prefill kernels of mixed steps: one row splits its context,
+        many take the decode kernel's unsplit variant). These also compile those kernels now rather than in the
         first request that needs them (a Triton compile took 1.8 s on the H100 host)."""
         self._allocate_kv_cache(1)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -238,7 +239,14 @@ class ModelRunner:
             seq_lens=torch.tensor([n, n], dtype=torch.int32, device=self.device),
             cu_seqlens_q=torch.tensor([0, n - 1], dtype=torch.int32, device=self.device), max_seqlen_q=n - 1,
             num_decodes=1)
-        for meta in (fresh, mixed) if n > 1 else (fresh,):
+        many = min(self.max_num_seqs - 1, n - 1)
+        wide = AttentionMetadata(
+            slot_mapping=fresh.slot_mapping,
+            block_tables=torch.zeros(many + 1, cdiv(n, self.block_size), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([1] * many + [n], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, n - many], dtype=torch.int32, device=self.device),
+            max_seqlen_q=n - many, num_decodes=many)
+        for meta in (fresh, mixed, wide)[: 1 if n == 1 else 2 if many <= 1 else 3]:
             with forward_context(meta):
                 hidden = self.model(ids, ids)
             self.model.compute_logits(hidden[: self.max_num_seqs])
