@@ -71,6 +71,7 @@ def prefill_flops(cfg: dict, tokens: int) -> float:
 
 
 def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, dict]:
+    from profile_engine import watch_compiles
     from swiftlm import SamplingParams
     from swiftlm.engine.llm import LLM
     t0 = time.perf_counter()
@@ -143,13 +144,15 @@ def run_swiftlm(model: str, args: argparse.Namespace, cfg: dict) -> tuple[dict, 
     # unaligned lengths, so every kernel the timed run uses is compiled before the clock starts.
     llm.generate([prompt(1000) for _ in range(20)], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
+    compiles = watch_compiles()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     out_tokens = sum(o.num_output_tokens for o in outs)
     res.update(throughput_elapsed_s=elapsed, throughput_output_tok_s=out_tokens / elapsed,
                throughput_total_tok_s=(out_tokens + 1024 * len(prompts)) / elapsed,
-               throughput_num_prompts=len(prompts), preemptions=engine.scheduler.num_preemptions)
+               throughput_num_prompts=len(prompts), preemptions=engine.scheduler.num_preemptions,
+               throughput_triton_compiles=[f"{seconds:.2f} s {name[:1500]}" for name, seconds in compiles])
     return res, ceil
 
 
