@@ -228,7 +228,10 @@ if HAS_TRITON:
             tl.debug_barrier()  # the stores are made before any thread of this program loads that slot
         return q
 
-    @triton.jit(do_not_specialize=["num_splits"])
+    # The block tables and lengths are slices of the runner's packed step buffer, whose 16-byte alignment differs
+    # between decode-only and mixed steps: specializing on it compiled a new variant inside the first throughput run.
+    @triton.jit(do_not_specialize=["num_splits"],
+                do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "slot_ptr"])
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
         qk_scale, v_scale,
