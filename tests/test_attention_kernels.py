@@ -270,6 +270,23 @@ def test_decode_fp8_cache(num_splits: int, fp8: torch.dtype) -> None:
     assert_close(out, dense_decode(q, kc8, vc8, bt, lens, 0.125, 0.25, 2.0), torch.bfloat16)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_fp8_cache_default_tiles(dtype: torch.dtype) -> None:
+    """The default launch on an fp8 cache (fp16 dots, 128-token tiles): full tiles, a partial one and a short row,
+    against SDPA on the same fp8 values."""
+    q, kc, vc, bt, lens = decode_case([5, 200, 300], 2, 4, 64, 16, dtype)
+    kc8, vc8 = (kc * 4).to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    out = attn.paged_decode_attention(q, kc8, vc8, bt, lens, 0.125, num_splits=2, k_scale=0.25)
+    assert_close(out, dense_decode(q, kc8, vc8, bt, lens, 0.125, 0.25), dtype)
+
+
+def test_decode_tiles_hold_the_same_bytes_for_an_fp8_cache() -> None:
+    assert attn._decode_config(128, torch.bfloat16, torch.bfloat16)[0] == 64
+    assert attn._decode_config(128, torch.bfloat16, torch.float8_e4m3fn)[0] == 128
+    assert attn._decode_config(64, torch.float16, torch.float8_e5m2)[0] == 128
+
+
 def test_decode_num_splits_heuristic() -> None:
     assert attn.decode_num_splits(1, 8, 32768, 132) >= 16  # one long sequence spreads over ~all SMs
     assert attn.decode_num_splits(1, 8, 32768, 132) <= 64
