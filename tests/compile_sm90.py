@@ -43,10 +43,11 @@ def decode_variants() -> None:
         types = {"q_ptr": "*bf16", "k_ptr": cache, "v_ptr": cache, "bt_ptr": "*i32", "seq_lens_ptr": "*i32",
                  "out_ptr": "*bf16" if direct else "*fp32", "lse_ptr": "*fp32", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
                  "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "slot_ptr": "*i64", **floats}
+        op = tl.float16 if fp8 else tl.bfloat16  # as `_operand_args` and `_decode_config` pick
         compile_kernel(attention._decode_split_kernel, types, dict(
-            GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, DIRECT=direct, IN_DTYPE=tl.bfloat16,
-            OP_DTYPE=tl.float16 if fp8 else tl.bfloat16, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16, DOT_PRECISION="tf32", PDL=True, ROPE=fused, HAS_NORM=norm, FP8_CACHE=fp8,
-            FP8_MAX=448.0, PRE_ROUND=False))
+            GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=128 if fp8 else 64, DIRECT=direct,
+            IN_DTYPE=tl.bfloat16, OP_DTYPE=op, DOT_DTYPE=op, DOT_PRECISION="tf32", PDL=True, ROPE=fused,
+            HAS_NORM=norm, FP8_CACHE=fp8, FP8_MAX=448.0, PRE_ROUND=False))
         print(f"_decode_split_kernel rope={fused} norm={norm} fp8={fp8} direct={direct}")
     compile_kernel(attention._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                    dict(SPLITS_PAD=64, HEAD_DIM=128, PDL=True))

@@ -246,7 +246,7 @@ class ModelRunner:
             seq_lens=torch.tensor([1] * many + [n], dtype=torch.int32, device=self.device),
             cu_seqlens_q=torch.tensor([0, n - many], dtype=torch.int32, device=self.device),
             max_seqlen_q=n - many, num_decodes=many)
-        for meta in (fresh, mixed, wide)[: 1 if n == 1 else 2 if many <= 1 else 3]:
+        for meta in [fresh] + [mixed] * (n > 1) + [wide] * (many > 1):
             with forward_context(meta):
                 hidden = self.model(ids, ids)
             self.model.compute_logits(hidden[: self.max_num_seqs])

@@ -11,9 +11,9 @@ The decode kernel can also take the raw query and the new token's raw k/v (`Deco
 Q/K RMSNorm and RoPE and stores the token's K/V itself, the work of `rope.rope_qk_norm_cache`, saving that
 launch in every layer of a decode step.
 
-An FP8 (e4m3/e5m2) cache is read by converting each loaded tile to the query dtype; the per-tensor scales
-are folded into the softmax scale (k) and applied once to the output (v), so dequantising costs no extra
-multiply per element.
+An FP8 (e4m3/e5m2) cache is read by widening each loaded tile to fp16, in which the dots then run (one
+conversion per pair of elements); the per-tensor scales are folded into the softmax scale (k) and applied once
+to the output (v), so dequantising costs no extra multiply per element.
 """
 from __future__ import annotations
 
