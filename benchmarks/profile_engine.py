@@ -183,6 +183,7 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
     timings: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []  # kind, mixed_log index, events
     profiling: list[profile] = []
     mixed_log: list[str] = []  # per mixed step: one-token rows + prompt tokens, GPU ms
+    decode_rows: list[int] = []  # per decode step: its batch size
     orig_schedule, orig_step, orig_execute = engine.scheduler.schedule, engine.step, runner.execute
 
     def count(*a, **k):
@@ -190,6 +191,8 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
         kind[0] = "decode" if out.decode_only else "mixed"
         steps[kind[0]] += 1
         steps["tokens"] += out.num_tokens
+        if kind[0] == "decode":
+            decode_rows.append(len(out.scheduled))
         if kind[0] == "mixed":
             ones = sum(1 for item in out.scheduled if item.num_new_tokens == 1)
             mixed_log.append(f"{ones}+{out.num_tokens - ones}")
@@ -203,7 +206,8 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
         start.record()
         out = orig_execute(*a, **k)
         end.record()
-        timings.append((kind[0], len(mixed_log) - 1 if kind[0] == "mixed" else -1, start, end))
+        index = len(mixed_log) - 1 if kind[0] == "mixed" else len(decode_rows) - 1
+        timings.append((kind[0], index, start, end))
         return out
 
     def step(*a, **k):
@@ -226,16 +230,21 @@ def throughput_run(llm: LLM, ids: Callable[[int], list[int]], num_prompts: int) 
                                                                       temperature=0.0), use_tqdm=False)
     total = time.perf_counter() - t
     torch.cuda.synchronize()  # read the step timings only now: a sync per step would stall asynchronous scheduling
+    by_batch: dict[int, list[float]] = collections.defaultdict(list)  # decode batch bucket of 32 -> GPU ms
     for step_kind, index, start, end in timings:
         ms = start.elapsed_time(end)
         gpu[step_kind] += ms / 1e3
-        if index >= 0:
+        if step_kind == "mixed":
             mixed_log[index] += f":{ms:.0f}"
+        else:
+            by_batch[(decode_rows[index] - 1) // 32 * 32 + 32].append(ms)
     print(f"throughput run: {total:.2f} s, {num_prompts * 256 / total:.0f} out tok/s, steps {dict(steps)}; "
           f"step wall s by kind: {', '.join(f'{k} {v:.2f}' for k, v in seconds.items())}; "
           f"GPU s (runner start to sampler end) by kind: {', '.join(f'{k} {v:.2f}' for k, v in gpu.items())}; "
           "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in PHASES.items()))
     print("mixed steps (one-token rows + prompt tokens: GPU ms): " + " ".join(mixed_log))
+    print(f"preemptions {engine.scheduler.num_preemptions}; decode steps by batch (up to: steps, mean GPU ms): "
+          + ", ".join(f"{b}: {len(v)}, {sum(v) / len(v):.1f}" for b, v in sorted(by_batch.items())))
 
 
 if __name__ == "__main__":
