@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import tempfile
 import time
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from swiftlm import SamplingParams
 from swiftlm.engine.llm import LLM
@@ -61,6 +63,28 @@ def compile_report(events: list[tuple[str, float]], since: int, label: str) -> N
     print(f"{label}: {len(new)} Triton compiles, {sum(t for _, t in new):.2f} s")
     for name, seconds in new[:12]:
         print(f"  {seconds:6.2f} s  {name[:200]}")
+
+
+def gpu_idle_report(prof: profile, label: str) -> None:
+    """Where the GPU waits inside the profiled `engine.step` region: before its first kernel, between kernels
+    (the largest gaps with the kernels around them) and after its last one, from the profiler's trace."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    step = max((e for e in events if e.get("name") == "engine.step" and e.get("ph") == "X"), key=lambda e: e["dur"])
+    work = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
+    gaps, end, busy = [], work[0][1], work[0][1] - work[0][0]
+    for (start, stop, name), previous in zip(work[1:], work):
+        if start > end:
+            gaps.append((start - end, previous[2][:40], name[:40]))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    gaps.sort(reverse=True)
+    print(f"{label}: step {step['dur'] / 1e3:.2f} ms, GPU busy {busy / 1e3:.2f} ms; idle before the first kernel "
+          f"{(work[0][0] - step['ts']) / 1e3:.2f} ms, between kernels {sum(g for g, *_ in gaps) / 1e3:.2f} ms "
+          f"({len(gaps)} gaps), after the last {(step['ts'] + step['dur'] - end) / 1e3:.2f} ms; largest gaps (us): "
+          + "; ".join(f"{g:.0f} {a} -> {b}" for g, a, b in gaps[:6]))
 
 
 def graph_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
@@ -151,11 +175,13 @@ def main() -> None:
         print(f"prefill {n}: step wall {wall:.2f} ms; phases (ms): "
               + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in PHASES.items()))
     engine.add_request("p8000", ids(8000), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.step()
-        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("engine.step"):
+            engine.step()
+            torch.cuda.synchronize()
+    gpu_idle_report(prof, "prefill 8000")
     print("prefill 8000, GPU kernels:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     engine.add_request("p", ids(512), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()

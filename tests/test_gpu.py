@@ -166,3 +166,30 @@ def test_expert_load_skips_graph_padding(tmp_path, make_llm) -> None:
     tokens = sum(len(p) + new - 1 for prompts in batches for p in prompts)
     routed = tokens * cfg["num_experts_per_tok"]
     assert llm.engine.expert_load().sum(dim=1).tolist() == [routed] * cfg["num_hidden_layers"]
+
+
+def test_decode_attention_compiles_once_across_split_counts_and_table_widths() -> None:
+    """The split count and the block-table width vary between start-up's warm-up and later steps; a Triton
+    variant compiled inside a request stalls it for ~1 s, so the decode kernel must not specialize on them."""
+    from triton import knobs
+
+    from swiftlm.kernels.attention import paged_decode_attention
+
+    compiles: list[str] = []
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = lambda **kw: compiles.append(kw["repr"]) or False
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        k_cache = torch.randn(64, 16, 2, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn(64, 16, 2, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(3, 8, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+        seq_lens = torch.tensor([100, 37, 250], dtype=torch.int32, device="cuda")
+        for width, splits in [(32, 16), (40, 5), (17, 3), (33, 7)]:
+            tables = torch.randint(0, 64, (3, width), generator=gen, device="cuda", dtype=torch.int32)
+            paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, splits)
+            if width == 32:
+                warmed = len(compiles)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    assert warmed > 0 and compiles[warmed:] == []

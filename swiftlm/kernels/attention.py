@@ -230,7 +230,10 @@ if HAS_TRITON:
 
     # The block tables and lengths are slices of the runner's packed step buffer, whose 16-byte alignment differs
     # between decode-only and mixed steps: specializing on it compiled a new variant inside the first throughput run.
-    @triton.jit(do_not_specialize=["num_splits"],
+    # Integers that vary with the split count (the lse strides) or between start-up's warm-up and the runner's
+    # buffers (the block-table row stride) are not specialized: a new divisibility class would compile a variant
+    # inside a request (1.1 s on the H100 host).
+    @triton.jit(do_not_specialize=["num_splits", "stride_btb", "stride_lb", "stride_lh"],
                 do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "slot_ptr"])
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, lse_ptr,
@@ -316,7 +319,7 @@ if HAS_TRITON:
             # Empty split: m_i = -inf and l_safe = 1, so lse = -inf and the merge gives it zero weight.
             tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_safe), mask=g_mask)
 
-    @triton.jit(do_not_specialize=["num_splits"])
+    @triton.jit(do_not_specialize=["num_splits", "stride_lb", "stride_lh"])
     def _decode_merge_kernel(
         part_ptr, lse_ptr, out_ptr,
         stride_pb, stride_ph, stride_ps,
@@ -378,7 +381,8 @@ if HAS_TRITON:
                      input_precision=DOT_PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit(do_not_specialize_on_alignment=["bt_ptr", "cu_q_ptr", "seq_lens_ptr"])
+    @triton.jit(do_not_specialize=["stride_btb"],
+                do_not_specialize_on_alignment=["bt_ptr", "cu_q_ptr", "seq_lens_ptr"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, out_ptr,
         qk_scale, v_scale,
