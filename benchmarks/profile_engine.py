@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
 import json
+import pstats
 import tempfile
 import time
 from typing import Callable
@@ -85,6 +88,23 @@ def gpu_idle_report(prof: profile, label: str) -> None:
           f"{(work[0][0] - step['ts']) / 1e3:.2f} ms, between kernels {sum(g for g, *_ in gaps) / 1e3:.2f} ms "
           f"({len(gaps)} gaps), after the last {(step['ts'] + step['dur'] - end) / 1e3:.2f} ms; largest gaps (us): "
           + "; ".join(f"{g:.0f} {a} -> {b}" for g, a, b in gaps[:6]))
+
+
+def host_report(engine, prompt: list[int]) -> None:
+    """Host functions of one 8000-token prefill step by own and cumulative time (cProfile): a long prefill runs eagerly, and
+    where launching its kernels takes longer than running them the GPU waits."""
+    engine.add_request("host", prompt, SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine.step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    for order, rows in (("tottime", 25), ("cumulative", 40)):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(rows)
+        print(f"prefill 8000, host functions by {order}:")
+        print("\n".join(line[:170] for line in text.getvalue().splitlines()[4:]))
 
 
 def graph_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
@@ -180,6 +200,7 @@ def main() -> None:
             engine.step()
             torch.cuda.synchronize()
     gpu_idle_report(prof, "prefill 8000")
+    host_report(engine, ids(8000))
     print("prefill 8000, GPU kernels:")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     engine.add_request("p", ids(512), SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
