@@ -393,19 +393,21 @@ def test_gpu_realistic_shapes(dtype: torch.dtype) -> None:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("kv_heads", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_fresh_prompts_cudnn_and_flash_tails(dtype: torch.dtype) -> None:
-    """Fresh prompts at Qwen3-8B heads (32/8, D=128): tail only (100), aligned only (512), and aligned leading
-    queries on cuDNN plus a bottom-right tail on FlashAttention (700, 2100), against fp32 SDPA on repeated k/v."""
+def test_gpu_fresh_prompts_cudnn_and_flash_tails(dtype: torch.dtype, kv_heads: int) -> None:
+    """Fresh prompts at Qwen3-8B and Qwen3-30B-A3B heads (32 over 8 or 4, D=128): tail only (100), aligned only
+    (512), and aligned leading queries on cuDNN plus a bottom-right tail on FlashAttention (700, 2100), against
+    fp32 SDPA on repeated k/v."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     lens = [100, 512, 700, 2100]
     q = torch.randn(sum(lens), 32, 128, generator=gen, device="cuda", dtype=dtype)
-    k, v = (torch.randn(sum(lens), 8, 128, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(sum(lens), kv_heads, 128, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
     got = fresh_prefill_attention(q, k, v, lens, 128 ** -0.5)
     start = 0
     for n in lens:
         part = slice(start, start + n)
-        kr, vr = (t[part].float().repeat_interleave(4, 1).transpose(0, 1) for t in (k, v))
+        kr, vr = (t[part].float().repeat_interleave(32 // kv_heads, 1).transpose(0, 1) for t in (k, v))
         want = F.scaled_dot_product_attention(q[part].float().transpose(0, 1), kr, vr, is_causal=True,
                                               scale=128 ** -0.5).transpose(0, 1)
         assert_close(got[part], want.to(dtype), dtype)

@@ -9,14 +9,14 @@ tile wastes all but one row of every tile it loads.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from swiftlm.kernels import attention as kernels
@@ -27,8 +27,6 @@ from swiftlm.kernels import rope
 # multiples of FRESH_ALIGN rows (at most max_num_batched_tokens / FRESH_ALIGN plans per process, all built at
 # start-up); the last `n % FRESH_ALIGN` queries of a fresh prompt go to FlashAttention, which builds nothing.
 FRESH_ALIGN = 256
-_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def cudnn_rows(prompt_len: int) -> int:
@@ -65,26 +63,53 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     group = q.shape[1] // num_kv_heads
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    on_gpu = q.is_cuda
     start = 0
     for n in lens:
         aligned = cudnn_rows(n)
         if aligned:
             rows = slice(start, start + aligned)
-            with sdpa_kernel(_CUDNN_FIRST, set_priority=True) if on_gpu else nullcontext():
-                o = F.scaled_dot_product_attention(_by_kv_head(q[rows], num_kv_heads, group),
-                                                   _shared_kv(k[rows], group), _shared_kv(v[rows], group),
-                                                   is_causal=True, scale=scale)
+            o = _causal_square(_by_kv_head(q[rows], num_kv_heads, group), _shared_kv(k[rows], group),
+                               _shared_kv(v[rows], group), scale)
             _by_kv_head(out[rows], num_kv_heads, group).copy_(o)
         if aligned < n:
             rows, keys = slice(start + aligned, start + n), slice(start, start + n)
-            with sdpa_kernel(_NO_CUDNN) if on_gpu else nullcontext():
-                o = F.scaled_dot_product_attention(_by_kv_head(q[rows], num_kv_heads, group),
-                                                   _shared_kv(k[keys], group), _shared_kv(v[keys], group),
-                                                   scale=scale, attn_mask=causal_lower_right(n - aligned, n))
+            o = _causal_tail(_by_kv_head(q[rows], num_kv_heads, group), _shared_kv(k[keys], group),
+                             _shared_kv(v[keys], group), scale)
             _by_kv_head(out[rows], num_kv_heads, group).copy_(o)
         start += n
     return out
+
+
+@lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _direct(q: torch.Tensor) -> bool:
+    """Whether the backends are called directly: 16-bit operands on an sm90+ GPU, where cuDNN and FlashAttention
+    take every head size the Qwen models use. Elsewhere SDPA picks a backend."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 \
+        and _hopper(q.device)
+
+
+def _causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of `[B, H, n, D]` views, n queries over the same n keys: cuDNN on an H100, called
+    directly rather than through SDPA's backend selection and `sdpa_kernel`: their host time made a long prefill
+    wait on the host (`profile_engine.py`'s host report)."""
+    if _direct(q):
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False,
+                                                                   scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _causal_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The last queries of a prompt over all its keys (the causal mask aligned bottom-right): FlashAttention on
+    the GPU, whose causal flag means bottom-right alignment when there are fewer queries than keys (what
+    `causal_lower_right` dispatches to, without that dispatch's host time)."""
+    if _direct(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                          attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
 def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
