@@ -18,7 +18,7 @@ from swiftlm.kernels import fused_moe as fm  # noqa: E402
 from swiftlm.kernels.fused_moe import MoeTileConfig  # noqa: E402
 from swiftlm.kernels.fused_norm import fused_add_rms_norm_ref  # noqa: E402
 from swiftlm.kernels.triton_support import split_counters  # noqa: E402
-from swiftlm.kernels import moe_cutlass  # noqa: E402
+from swiftlm.kernels import moe_align, moe_cutlass  # noqa: E402
 from swiftlm.kernels.moe_cutlass import group_rows  # noqa: E402
 from swiftlm.layers.moe import FusedMoE  # noqa: E402
 from swiftlm.layers.norm import RMSNorm  # noqa: E402
@@ -182,36 +182,74 @@ def test_norm_gate_route_matches_add_norm_then_gate_route(tokens: int, hidden: i
 
 # ---- alignment -----------------------------------------------------------------------------------------------
 
-def _align_oracle(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[list[int], list[int], int]:
-    """Plain-Python version: each expert's pairs in pair order, padded with T*k up to a multiple of block_m."""
+def _align_oracle(ids: torch.Tensor, num_experts: int, block_m: int
+                  ) -> tuple[list[int], list[int], list[tuple[int, list[int], int]]]:
+    """Plain-Python version: each expert's pairs in pair order, padded with T*k up to a multiple of block_m.
+    Returns (sorted ids, expert of each used block, runs as (start, pairs, padded length))."""
     flat = ids.flatten().tolist()
     pad = len(flat)
-    sorted_ids, block_experts = [], []
+    sorted_ids, block_experts, runs = [], [], []
     for e in range(num_experts):
         pairs = [i for i, x in enumerate(flat) if x == e]
         if not pairs:
             continue
         padded = -(-len(pairs) // block_m) * block_m
+        runs.append((len(sorted_ids), pairs, padded))
         sorted_ids += pairs + [pad] * (padded - len(pairs))
         block_experts += [e] * (padded // block_m)
-    return sorted_ids, block_experts, len(sorted_ids)
+    return sorted_ids, block_experts, runs
 
 
-@pytest.mark.parametrize("tokens,num_experts,top_k,block_m,hot", [
-    (1, 16, 2, 16, None), (3, 8, 2, 4, None), (17, 16, 4, 16, None), (64, 8, 2, 16, [2, 5]), (70, 16, 4, 64, None)])
-def test_align_tokens_exact(tokens: int, num_experts: int, top_k: int, block_m: int, hot: list[int] | None) -> None:
+ALIGN_CASES = [(1, 16, 2, 16, None), (3, 8, 2, 4, None), (17, 16, 4, 16, None), (64, 8, 2, 16, [2, 5]),
+               (70, 16, 4, 64, None), (0, 8, 2, 16, None), (40, 12, 3, 8, [1, 6, 11]), (200, 128, 8, 16, None),
+               (400, 128, 4, 16, [3, 77]), (1200, 16, 8, 16, None)]
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernels), False])
+@pytest.mark.parametrize("tokens,num_experts,top_k,block_m,hot", ALIGN_CASES)
+def test_align_tokens_exact(tokens: int, num_experts: int, top_k: int, block_m: int, hot: list[int] | None,
+                            kernel: bool, monkeypatch) -> None:
+    """Each expert's run holds exactly its pairs, then padding, at the oracle's offset; blocks name their expert.
+    The Triton path claims slots with atomics, so only the PyTorch path's order inside a run is checked. Cases:
+    a non-power-of-two expert count, empty experts (`hot`), a Qwen3-30B-A3B decode step at batch 200, experts
+    with more blocks than the align program labels per step, several fill steps and scatter programs."""
+    if not kernel:
+        monkeypatch.setattr(moe_align, "can_use_triton", lambda t: False)
     _, ids = routing(tokens, num_experts, top_k, seed=tokens, hot=hot)
+    assert moe_align.can_use_triton(ids) == kernel
     sorted_ids, expert_ids, post_pad = fm.align_tokens(ids, num_experts, block_m)
-    want_sorted, want_experts, want_len = _align_oracle(ids.cpu(), num_experts, block_m)
-    capacity = fm.max_padded_pairs(tokens * top_k, num_experts, block_m)
-    assert sorted_ids.shape == (capacity,) and expert_ids.shape == (capacity // block_m,)
+    want_sorted, want_experts, runs = _align_oracle(ids.cpu(), num_experts, block_m)
+    num_pairs, want_len = tokens * top_k, len(want_sorted)
+    capacity = moe_align.max_padded_pairs(num_pairs, num_experts, block_m)
+    assert sorted_ids.shape == (capacity,) and expert_ids.shape == (capacity // block_m,) and post_pad.shape == (1,)
     assert sorted_ids.dtype == expert_ids.dtype == post_pad.dtype == torch.int32
     assert post_pad.tolist() == [want_len]
-    assert sorted_ids[:want_len].tolist() == want_sorted
-    assert bool((sorted_ids[want_len:] == tokens * top_k).all())
+    got = sorted_ids.tolist()
+    for start, pairs, padded in runs:
+        assert sorted(got[start:start + len(pairs)]) == pairs
+        assert got[start + len(pairs):start + padded] == [num_pairs] * (padded - len(pairs))
+    if not kernel:
+        assert got[:want_len] == want_sorted
+    assert got[want_len:] == [num_pairs] * (capacity - want_len)
     n_used = want_len // block_m
     assert expert_ids[:n_used].tolist() == want_experts
-    assert bool((expert_ids[n_used:] == -1).all())
+    assert expert_ids[n_used:].tolist() == [-1] * (capacity // block_m - n_used)
+
+
+def test_align_tokens_cases_cover_several_steps() -> None:
+    """`ALIGN_CASES` reach the multi-step loops of the align kernel and several scatter programs."""
+    tokens, num_experts, top_k, block_m, _ = ALIGN_CASES[-1]
+    pairs = tokens * top_k
+    assert pairs > 2 * moe_align._SCATTER_BLOCK
+    assert moe_align.max_padded_pairs(pairs, num_experts, block_m) > 2 * moe_align._FILL_BLOCK
+    tokens, num_experts, top_k, block_m, hot = ALIGN_CASES[-2]
+    _, ids = routing(tokens, num_experts, top_k, seed=tokens, hot=hot)
+    hot_blocks = -(-int((ids == hot[0]).sum()) // block_m)
+    assert hot_blocks > moe_align._RUN_TILE // num_experts
+    for tokens, num_experts, top_k, _, hot in ALIGN_CASES:
+        if hot and len(hot) == top_k:  # every pair goes to a hot expert
+            _, ids = routing(tokens, num_experts, top_k, seed=tokens, hot=hot)
+            assert set(ids.flatten().tolist()) == set(hot)
 
 
 # ---- fused MoE vs reference ----------------------------------------------------------------------------------

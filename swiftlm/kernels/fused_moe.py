@@ -21,8 +21,9 @@ A (token, slot) pair is row `t * k + slot` of the flattened `topk_ids`. Four way
   pair routed to an expert (its "leader") gathers every pair of that expert and streams that expert's weight tile
   exactly once; the other programs exit after one 256-byte load. No sort or alignment kernels run, so a decode
   MoE layer is route + two GEMMs + sum, and the grid depends only on shapes (CUDA-graph safe).
-* grouped (prefill and large batches): `align_tokens` sorts the pairs by expert and pads each expert's run to
-  BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N tensor-core tile.
+* grouped (prefill and large batches): `align_tokens` (`swiftlm.kernels.moe_align`) groups the pairs by expert
+  and pads each expert's run to BLOCK_M; every program computes one (BLOCK_M rows of one expert) x BLOCK_N
+  tensor-core tile.
 * cutlass (prefill-sized, bf16 on sm90+): torch's CUTLASS grouped GEMM, `swiftlm.kernels.moe_cutlass`.
 
 On the low-latency and grouped paths the top-k sum is a separate reduce over a `[T, k, H]` buffer rather than
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftlm.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_ref
+from swiftlm.kernels.moe_align import align_tokens
 from swiftlm.kernels.moe_cutlass import cutlass_moe, cutlass_moe_supported
 from swiftlm.kernels.triton_support import HAS_TRITON, TRITON_INTERPRETED, can_use_triton, split_counters, use_pdl
 
@@ -237,46 +239,6 @@ def _launch_gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, r
         BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=min(16 // x.element_size(), block_k),
         E_PAD=_pow2_at_least(num_experts), num_warps=4, PDL=pdl, launch_pdl=pdl)
     return weights, ids
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Alignment for the grouped path
-# ---------------------------------------------------------------------------------------------------------------
-
-def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Shape-only bound on the padded length: each non-empty expert pads by at most `block_m - 1`, rounded up
-    to whole blocks so a program never reads past the buffer."""
-    bound = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
-    return _cdiv(bound, block_m) * block_m
-
-
-def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort the `T*k` pairs by expert, each expert's run padded to a multiple of `block_m`.
-
-    Returns
-      sorted_token_ids `[P]` int32: pair indices (`t * k + slot`) grouped by expert in pair order, padding = T*k;
-      expert_ids_per_block `[P // block_m]` int32: the expert of each block, -1 for blocks past the end;
-      num_tokens_post_pad `[1]` int32: the used length (a device tensor, so the host never waits on it).
-    `P = max_padded_pairs(...)` depends only on shapes, and nothing here syncs, so it can run in a CUDA graph.
-    """
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    num_pairs = flat.numel()
-    device = flat.device
-    padded_len = max_padded_pairs(num_pairs, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    by_expert = flat[order]
-    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[by_expert]
-    sorted_ids = torch.full((padded_len,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, (ends - padded)[by_expert] + rank, order.to(torch.int32))
-    block_starts = torch.arange(0, padded_len, block_m, device=device)
-    experts = torch.searchsorted(ends, block_starts, right=True)
-    expert_ids = torch.where(experts < num_experts, experts, -1).to(torch.int32)
-    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
 def _quant_ops():
