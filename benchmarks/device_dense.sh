@@ -22,7 +22,9 @@
 #               run, the full Qwen3-8B bf16 bench_engine run, then Qwen3-8B FP8 and Qwen3-30B-A3B bf16 without
 #               the throughput run;
 #   fp8-moe:    the full Qwen3-8B FP8 bench_engine run (throughput included), then Qwen3-30B-A3B bf16 with the
-#               closed-loop concurrency sweep 1..64 and the throughput run.
+#               closed-loop concurrency sweep 1..64 and the throughput run;
+#   cold:       the full Qwen3-8B bench_engine runs (bf16, FP8, FP8 with the FP8 KV cache; one iteration, no
+#               long-context batches), each process on a fresh Triton cache.
 # Usage: SWIFTLM_COMMIT=<sha> bash benchmarks/device_dense.sh PART OUT_DIR  (PART: one of the above)
 set -uo pipefail
 part=$1; out=$2
@@ -102,6 +104,16 @@ case "$part" in
   fp8-moe)
     bench qwen3-8b-fp8 --model $dense --iters 1 --quantization fp8
     bench qwen3-30b-a3b --model $moe --iters 1 --concurrency 1 2 4 8 16 32 64
+    ;;
+  cold)
+    for setting in "qwen3-8b" "qwen3-8b-fp8 --quantization fp8" "qwen3-8b-fp8-kvfp8 --quantization fp8 --kv-cache-dtype fp8"
+    do
+      set -- $setting
+      name=$1; shift
+      TRITON_CACHE_DIR=$(mktemp -d) python3 benchmarks/bench_engine.py --skip-hf --iters 1 --model $dense "$@" \
+        --long-context-batches --json "$out/engine_${name}_coldcache_h100_$commit.json" > "$out/engine_$name.txt" 2>&1
+      tail -6 "$out/engine_$name.txt"
+    done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
