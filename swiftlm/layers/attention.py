@@ -85,18 +85,19 @@ def _hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _direct(q: torch.Tensor) -> bool:
-    """Whether the backends are called directly: 16-bit operands on an sm90+ GPU, where cuDNN and FlashAttention
-    take every head size the Qwen models use. Elsewhere SDPA picks a backend."""
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 \
-        and _hopper(q.device)
+def _direct(q: torch.Tensor, max_head_dim: int) -> bool:
+    """Whether a backend is called directly: 16-bit operands on an sm90+ GPU and a head size it takes (every Qwen
+    model's: 64 or 128). Elsewhere SDPA picks a backend."""
+    head_dim = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
+            and head_dim <= max_head_dim and _hopper(q.device))
 
 
 def _causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of `[B, H, n, D]` views, n queries over the same n keys: cuDNN on an H100, called
     directly rather than through SDPA's backend selection and `sdpa_kernel`: their host time made a long prefill
     wait on the host (`profile_engine.py`'s host report)."""
-    if _direct(q):
+    if _direct(q, 128):
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False,
                                                                    scale=scale)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -106,7 +107,7 @@ def _causal_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """The last queries of a prompt over all its keys (the causal mask aligned bottom-right): FlashAttention on
     the GPU, whose causal flag means bottom-right alignment when there are fewer queries than keys (what
     `causal_lower_right` dispatches to, without that dispatch's host time)."""
-    if _direct(q):
+    if _direct(q, 256):
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
     return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                           attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
