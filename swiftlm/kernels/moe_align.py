@@ -3,7 +3,7 @@
 A pair is row `t * k + slot` of the flattened `topk_ids [T, k]`. Both expert-grouped paths need the pairs in
 expert order: the Triton grouped GEMM (`align_tokens`, each expert's run padded to whole BLOCK_M blocks) and the
 CUTLASS path (`moe_cutlass.group_rows`, unpadded groups). Built from PyTorch ops (scatter_add_, cumsum, a radix
-argsort, gathers, searchsorted) `align_tokens` cost ~60 us per layer on an H100 at 1600 pairs (a Qwen3-30B-A3B
+argsort, gathers, searchsorted) `align_tokens` cost ~60-90 us per layer on an H100 at 1600 pairs (a Qwen3-30B-A3B
 decode step at batch 200; the sort alone 30 us), ~3 ms of a 33 ms step. Here it is three small kernels:
 
     histogram       one per block of pairs, added into `counts [E]` with E atomics
@@ -11,8 +11,9 @@ decode step at batch 200; the sort alone 30 us), ~3 ms of a 33 ms step. Here it 
                     expert of every BLOCK_M block (each expert labels its own run), the padding fill
     scatter         each pair claims the next slot of its expert's run with an atomic add on the cursor
 
-(H100, 128 experts, block_m 16, CUDA-graph replay: 7 us at 1600 pairs against 81 for the PyTorch ops, 25 us
-against 148 at 64000 pairs, where the scatter's atomics on few addresses take 13.)
+(H100, 128 experts, block_m 16, CUDA-graph replay, `benchmarks/bench_moe_align.py`: 7.8 us at 1600 pairs
+against 88.9 for the PyTorch ops, 24.3 against 147.4 at 64000 pairs, where the scatter's atomics on few addresses
+take about half.)
 
 Nothing syncs with the host and every grid depends only on shapes, so it runs inside CUDA graphs; per-step
 sizes are not specialized on, so a new batch size does not recompile. Where Triton cannot run (CPU without the
